@@ -1,0 +1,68 @@
+"""Token tensors on disk and the batches drawn from them (the lecture's `get_batch`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from charlm.errors import DataError
+
+
+def load_tokens(path: str | Path, dtype: str) -> torch.Tensor:
+    """Memory-map a raw token file written by the `encode`/`split` stages as a 1-D tensor.
+
+    The pages are shared read-only with the OS cache, so a corpus larger than RAM still trains.
+    """
+    path = Path(path)
+    torch_dtype = getattr(torch, dtype)
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the tokens ({e.strerror}); run `dvc repro split`") from None
+    if size == 0 or size % itemsize:
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens; re-run `dvc repro split`")
+    return torch.from_file(str(path), shared=False, size=size // itemsize, dtype=torch_dtype)
+
+
+def get_batch(
+    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows `x` and their targets `y`, which are `x` shifted left by one token."""
+    if len(data) <= block_size:
+        raise ValueError(f"split of {len(data)} tokens is too short for block_size {block_size}")
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
+    offsets = ix[:, None] + torch.arange(block_size + 1)  # (B, T+1)
+    chunk = data[offsets].long()  # (B, T+1), one gather instead of a Python loop over rows
+    x, y = chunk[:, :-1], chunk[:, 1:]
+    if device != "cpu":
+        x = x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x.to(device)
+        y = y.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else y.to(device)
+    return x, y
+
+
+def sequential_windows(
+    data: torch.Tensor, block_size: int, batch_size: int, max_tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping windows covering the split (or `max_tokens` spread evenly over it), in batches.
+
+    Deterministic: the same data always gives the same windows, so the loss over them is an exact
+    function of the checkpoint. Every target token is counted once; the last partial window too.
+    """
+    n_targets = len(data) - 1
+    starts = torch.arange(0, n_targets, block_size)
+    if max_tokens is not None and max_tokens < n_targets:
+        keep = max(1, max_tokens // block_size)
+        starts = starts[torch.linspace(0, len(starts) - 1, keep).round().long().unique()]
+    full = starts[starts + block_size <= n_targets]
+    for i in range(0, len(full), batch_size):
+        offsets = full[i : i + batch_size, None] + torch.arange(block_size + 1)  # (B, T+1)
+        chunk = data[offsets].long()
+        yield chunk[:, :-1], chunk[:, 1:]
+    tail = starts[starts + block_size > n_targets]
+    for s in tail.tolist():
+        chunk = data[s:].long()[None]  # (1, n)
+        yield chunk[:, :-1], chunk[:, 1:]

@@ -1,0 +1,125 @@
+"""The `charlm` command: sample from and describe trained checkpoints.
+
+    charlm sample models/gpt.pt --prompt "ROMEO:" -n 300 --temperature 0.8
+    charlm info models/gpt.pt
+
+The pipeline itself runs through DVC (`dvc repro`); this command is for using what it produced.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from charlm.errors import UsageError, reported_errors
+
+app = typer.Typer(
+    help="Sample from and inspect charlm checkpoints. The pipeline itself runs with `dvc repro`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command(
+    epilog="Examples:\n\n  charlm sample models/gpt.pt\n\n"
+    "  charlm sample models/gpt.pt --prompt 'ROMEO:' -n 300 --temperature 0.8 --top-k 20 --seed 7"
+)
+def sample(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by the train stage, e.g. models/gpt.pt."),
+    prompt: str = typer.Option("\n", help="Text to continue; empty starts from a newline."),
+    max_new_tokens: int = typer.Option(500, "-n", "--max-new-tokens", help="How many characters to generate."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature; 0 is greedy (always the likeliest)."),
+    top_k: int = typer.Option(0, help="Sample only among the k likeliest characters; 0 means all."),
+    seed: int = typer.Option(1337, help="Random seed: the same seed gives the same text."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
+    drop_unknown: bool = typer.Option(
+        False, "--drop-unknown", help="Remove prompt characters the model has never seen instead of failing."
+    ),
+) -> None:
+    """Stream generated text to the terminal, character by character."""
+    with reported_errors("charlm sample"):
+        import torch
+
+        from charlm.checkpoint import load_checkpoint
+        from charlm.device import resolve_device
+        from charlm.params import SampleParams
+        from charlm.sampling import generate, prompt_ids
+
+        SampleParams(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        ckpt = load_checkpoint(checkpoint)
+        tok = ckpt.tokenizer
+        if top_k > tok.vocab_size:
+            raise UsageError(f"--top-k {top_k}: must be <= the vocabulary size ({tok.vocab_size}), or 0")
+        resolved = resolve_device(device)
+        ids, dropped = prompt_ids(tok, prompt, drop_unknown=drop_unknown)
+        if dropped:
+            print(f"warning: dropped characters not in the vocabulary: {' '.join(map(repr, dropped))}", file=sys.stderr)
+        torch.manual_seed(seed)
+        model = ckpt.build().to(resolved)
+        sys.stdout.write(prompt if not dropped else tok.decode(ids))
+
+        def show(next_id: torch.Tensor) -> None:
+            sys.stdout.write(tok.chars[int(next_id[0, 0])])
+            sys.stdout.flush()
+
+        generate(
+            model,
+            torch.tensor([ids]),
+            max_new_tokens,
+            temperature,
+            top_k,
+            torch.Generator().manual_seed(seed),
+            on_token=show,
+        )
+        sys.stdout.write("\n")
+
+
+@app.command(epilog="Example:\n\n  charlm info models/gpt.pt\n\n  charlm info models/gpt.pt --json")
+def info(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by the train stage."),
+    as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
+) -> None:
+    """Print a model card: type, config, parameter count, vocabulary and training metrics."""
+    with reported_errors("charlm info"):
+        from charlm.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint)
+        card = {
+            "checkpoint": str(checkpoint),
+            "model": ckpt.model_name,
+            "params": ckpt.n_params,
+            "vocab_size": ckpt.tokenizer.vocab_size,
+            "config": ckpt.config,
+            "training": ckpt.train_stats,
+        }
+        metrics_file = checkpoint.parent.parent / "metrics" / f"{ckpt.model_name}.json"
+        if metrics_file.is_file():
+            try:
+                card["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                pass  # the card is still useful without them
+        if as_json:
+            print(json.dumps(card, indent=2))
+            return
+        print(f"{ckpt.model_name} model  ({checkpoint})")
+        print(f"  parameters   {ckpt.n_params:,}")
+        print(f"  vocabulary   {ckpt.tokenizer.vocab_size} characters")
+        for key, value in ckpt.config.items():
+            print(f"  {key:<12} {value}")
+        for section in ("training", "metrics"):
+            if card.get(section):
+                print(f"  {section}:")
+                for key, value in card[section].items():
+                    print(f"    {key:<18} {value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

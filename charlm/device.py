@@ -1,0 +1,118 @@
+"""Device selection: `auto` picks and says so; an explicit device that is absent is an error.
+
+Never falls back silently (the lecture's scripts drop to the CPU unannounced): a run asked for
+`mps` either runs on mps or stops before any work, naming the devices this machine has.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from charlm.errors import UsageError
+
+
+class DeviceError(UsageError, RuntimeError):
+    """The `device` param names a device this machine does not have."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What the machine has; a parameter so tests can pretend to have a GPU."""
+
+    cuda_count: int
+    mps: bool
+
+    @classmethod
+    def probe(cls) -> Availability:
+        mps = getattr(torch.backends, "mps", None)
+        return cls(
+            cuda_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            mps=bool(mps is not None and mps.is_available()),
+        )
+
+    def names(self) -> list[str]:
+        found = ["cpu"]
+        found += [f"cuda:{i}" for i in range(self.cuda_count)]
+        if self.mps:
+            found.append("mps")
+        return found
+
+
+def resolve_device(requested: str, available: Availability | None = None) -> str:
+    """Map the `device` param to a concrete device string, or raise `DeviceError` naming what exists."""
+    available = Availability.probe() if available is None else available
+    if requested == "auto":
+        if available.cuda_count:
+            return "cuda"
+        return "mps" if available.mps else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "mps":
+        if available.mps:
+            return "mps"
+    elif requested == "cuda" or requested.startswith("cuda:"):
+        index = 0 if requested == "cuda" else int(requested.split(":", 1)[1])
+        if index < available.cuda_count:
+            return requested
+    else:
+        raise DeviceError(f"device = {requested!r}: must be cpu, cuda, cuda:N, mps or auto")
+    return _absent(requested, available)
+
+
+def _absent(requested: str, available: Availability) -> str:
+    raise DeviceError(
+        f"device = {requested!r} is not available on this machine (available: {', '.join(available.names())}); "
+        "set device to one of those, or auto"
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch on every device (torch.manual_seed covers CUDA and MPS too)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued kernels, so a timer read after this measures finished work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
+    """The autocast dtype for training, or None for plain float32.
+
+    `auto` takes bfloat16 where it is fast: CUDA with bf16 support, or a CPU with native bf16
+    instructions (AVX512-BF16 / AMX); elsewhere bf16 emulation would be slower than float32.
+    """
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def configure_threads(threads: int) -> None:
+    """Set torch's intra-op threads (0 keeps torch's default: one per core).
+
+    Parallel experiments (`dvc queue start -j 2`) each set 1 so they do not fight over the cores.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)

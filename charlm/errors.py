@@ -1,0 +1,49 @@
+"""The project's errors, and how entry points report them.
+
+Every anticipated failure is a `CharlmError` whose message is one line naming the problem and the
+fix. Entry points print it as `<name>: error: ...` and exit non-zero: 2 for bad input (params,
+options, an absent device: `UsageError`), 1 otherwise. Anything else is a bug and keeps its
+traceback. SIGTERM is turned into SystemExit so the atomic writers' cleanup runs, as it does for
+Ctrl-C (KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class CharlmError(Exception):
+    exit_code = 1
+
+
+class UsageError(CharlmError):
+    """Bad input from the user: params.yaml, a command-line option, a device that is not there."""
+
+    exit_code = 2
+
+
+class DataError(CharlmError, ValueError):
+    """A data file that is missing, malformed or inconsistent with another."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def reported_errors(name: str) -> Iterator[None]:
+    """Wrap an entry point's body: `CharlmError` becomes one line on stderr and its exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; no output was written", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except CharlmError as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,243 @@
+"""The one loader of params.yaml: typed, validated dataclass configs.
+
+Every stage calls `load_params`; a wrong value fails here, before any work, with one line that names
+the key, the value and what is allowed (`ParamsError`, which the stages turn into exit code 2).
+The defaults below mirror params.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from charlm.errors import UsageError
+
+DEFAULT_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DEFAULT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+MODEL_NAMES = ("bigram", "gpt")
+PRECISIONS = ("float32", "bfloat16", "auto")
+_DEVICE_RE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ParamsError(UsageError, ValueError):
+    """A bad value in params.yaml (or an option): the message is the whole story, one line."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ParamsError(f"{key} = {value!r}: {allowed}")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(key, value, allowed)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str = DEFAULT_URL
+    sha256: str = DEFAULT_SHA256  # "" means: not pinned, record whatever arrives (with a warning)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.url.strip()), "data.url", self.url, "must be an http(s) URL, a file:// URL or a path")
+        _check(
+            self.sha256 == "" or bool(_SHA256_RE.match(self.sha256)),
+            "data.sha256",
+            self.sha256,
+            "must be 64 lowercase hex digits, or '' to accept any content",
+        )
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "split.val_fraction", self.val_fraction, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one model is trained: the keys shared by the `bigram` and `gpt` sections."""
+
+    batch_size: int = 32
+    block_size: int = 8
+    max_iters: int = 3000
+    learning_rate: float = 1e-2
+    min_lr_ratio: float = 1.0  # cosine decay ends at learning_rate * min_lr_ratio; 1.0 keeps it constant
+    warmup_iters: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping
+    eval_interval: int = 300
+    eval_iters: int = 200
+    precision: str = "float32"  # bfloat16 autocast where the device supports it; "auto" picks it there
+
+    def check(self, section: str) -> None:
+        positive_ints = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters")
+        for name in positive_ints:
+            value = getattr(self, name)
+            _check(value > 0, f"{section}.{name}", value, "must be a positive integer")
+        _check(0.0 < self.learning_rate < 10.0, f"{section}.learning_rate", self.learning_rate, "must be in (0, 10)")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{section}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(
+            0 <= self.warmup_iters < self.max_iters,
+            f"{section}.warmup_iters",
+            self.warmup_iters,
+            f"must be in [0, max_iters={self.max_iters})",
+        )
+        _check(0.0 <= self.weight_decay < 1.0, f"{section}.weight_decay", self.weight_decay, "must be in [0, 1)")
+        _check(self.grad_clip >= 0.0, f"{section}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _check(self.precision in PRECISIONS, f"{section}.precision", self.precision, f"must be one of {PRECISIONS}")
+
+
+@dataclass(frozen=True)
+class BigramParams(TrainConfig):
+    def __post_init__(self) -> None:
+        self.check("bigram")
+
+
+@dataclass(frozen=True)
+class GPTParams(TrainConfig):
+    """The `gpt` section: training keys plus the architecture (see `charlm.models.gpt.GPTConfig`)."""
+
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        self.check("gpt")
+        for name in ("n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            _check(value > 0, f"gpt.{name}", value, "must be a positive integer")
+        _check(
+            self.n_embd % self.n_head == 0,
+            "gpt.n_embd",
+            self.n_embd,
+            f"must be divisible by gpt.n_head ({self.n_head})",
+        )
+        _check(0.0 <= self.dropout < 1.0, "gpt.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    top_k: int = 0  # 0 means no top-k filtering
+
+    def __post_init__(self) -> None:
+        _check(
+            0 < self.max_new_tokens <= 1_000_000,
+            "sample.max_new_tokens",
+            self.max_new_tokens,
+            "must be in [1, 1000000]",
+        )
+        _check(
+            0.0 <= self.temperature <= 100.0 and math.isfinite(self.temperature),
+            "sample.temperature",
+            self.temperature,
+            "must be in [0, 100] (0 means greedy argmax)",
+        )
+        _check(self.top_k >= 0, "sample.top_k", self.top_k, "must be >= 0 (0 means no top-k filtering)")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 1337
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    data: DataParams = field(default_factory=DataParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    bigram: BigramParams = field(default_factory=BigramParams)
+    gpt: GPTParams = field(default_factory=GPTParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer in [0, 2**63)")
+        _check(bool(_DEVICE_RE.match(self.device)), "device", self.device, "must be cpu, cuda, cuda:N, mps or auto")
+        _check(0 <= self.threads <= 1024, "threads", self.threads, "must be in [0, 1024] (0 = torch's default)")
+
+    def model(self, name: str) -> BigramParams | GPTParams:
+        if name not in MODEL_NAMES:
+            raise ParamsError(f"model {name!r}: must be one of {', '.join(MODEL_NAMES)}")
+        return getattr(self, name)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Turn one YAML value into `kind`, or fail naming the key. Handles YAML 1.1's `3e-4` string."""
+    if kind is bool:
+        _check(isinstance(value, bool), key, value, "must be true or false")
+        return value
+    if kind is int:
+        # bool is an int subclass in Python; `batch_size: yes` is a mistake, not 1.
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+        return value
+    if kind is float:
+        if isinstance(value, str):
+            # PyYAML implements YAML 1.1, which reads `3e-4` (no dot) as a string.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                _fail(key, value, "must be a number")
+        _check(isinstance(value, int | float) and not isinstance(value, bool), key, value, "must be a number")
+        _check(math.isfinite(value), key, value, "must be a finite number")
+        return float(value)
+    if kind is str:
+        _check(isinstance(value, str), key, value, "must be a string (quote it in YAML)")
+        return value
+    raise TypeError(f"no coercion for {kind}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params'}: must be a mapping of keys to values, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            known = ", ".join(fields)
+            raise ParamsError(f"{dotted}: unknown key{hint} (known keys: {known})")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, dotted)
+        else:
+            kwargs[key] = _coerce(dotted, value, kind)
+    return cls(**kwargs)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML) into `Params`."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: cannot be read ({e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    return parse_params(raw)

@@ -1,0 +1,181 @@
+"""The training loop and the lecture's `estimate_loss`, for either model.
+
+The loop never reads a value back from the device except when it logs or evaluates: a per-step
+`.item()` would stall an accelerator on every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from charlm.batches import get_batch, sequential_windows
+from charlm.device import autocast_dtype, synchronize
+from charlm.params import TrainConfig
+
+EVAL_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    step: int
+    train_loss: float
+    val_loss: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    curve: list[CurvePoint]
+    train_seconds: float  # optimisation only, evaluations excluded
+    tokens_per_second: float
+    precision: str
+
+
+def learning_rate_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from `learning_rate` to `learning_rate * min_lr_ratio`."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    span = max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / span)
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.learning_rate - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    # Weight decay on matrices only (nanoGPT): decaying biases, LayerNorm gains and embeddings' rows
+    # of a 65-character vocabulary hurts more than it regularises.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel is one launch per step instead of one per tensor; it exists on CPU and CUDA.
+    fused = device == "cpu" or device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
+
+
+def autocast_context(device: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+@torch.inference_mode()
+def estimate_loss(
+    model: nn.Module,
+    splits: dict[str, torch.Tensor],
+    block_size: int,
+    eval_iters: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: str,
+    amp: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean loss over `eval_iters` random batches per split (the lecture's estimate_loss), batched."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for name, data in splits.items():
+        x, y = get_batch(data, eval_iters * batch_size, block_size, generator, device)
+        total = torch.zeros((), device=device)
+        for i in range(0, len(x), EVAL_BATCH_SIZE):
+            with autocast_context(device, amp):
+                _, loss = model(x[i : i + EVAL_BATCH_SIZE], y[i : i + EVAL_BATCH_SIZE])
+            total += loss.float() * len(x[i : i + EVAL_BATCH_SIZE])
+        out[name] = (total / len(x)).item()
+    model.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def split_loss(
+    model: nn.Module, data: torch.Tensor, block_size: int, device: str, max_tokens: int | None = None
+) -> float:
+    """Exact mean loss over the whole split in non-overlapping windows, in float32: a pure function
+    of the checkpoint and the data, so the evaluate stage's metrics are reproducible."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    count = 0
+    for x, y in sequential_windows(data, block_size, EVAL_BATCH_SIZE, max_tokens):
+        x, y = x.to(device), y.to(device)
+        _, loss = model(x, y)
+        total += loss.float() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return (total / count).item()
+
+
+def train(
+    model: nn.Module,
+    train_data: torch.Tensor,
+    val_data: torch.Tensor,
+    cfg: TrainConfig,
+    device: str,
+    seed: int,
+    on_progress: Callable[[int, int, float | None, float], None] | None = None,
+    on_eval: Callable[[CurvePoint], None] | None = None,
+) -> TrainResult:
+    """Train in place. `on_progress(step, max_iters, loss_or_None, tokens_per_s)` is called every step
+    with the loss only when the caller asked to log (it must not force a host sync otherwise)."""
+    amp = autocast_dtype(device, cfg.precision)
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, cfg, device)
+    batch_gen = torch.Generator().manual_seed(seed)
+    eval_gen_seed = seed + 1  # fixed eval batches: every point of the curve is measured on the same text
+    splits = {"train": train_data, "val": val_data}
+    curve: list[CurvePoint] = []
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    train_seconds = 0.0
+
+    def evaluate(step: int) -> None:
+        losses = estimate_loss(
+            model,
+            splits,
+            cfg.block_size,
+            cfg.eval_iters,
+            cfg.batch_size,
+            torch.Generator().manual_seed(eval_gen_seed),
+            device,
+            amp,
+        )
+        point = CurvePoint(step, losses["train"], losses["val"])
+        curve.append(point)
+        if on_eval is not None:
+            on_eval(point)
+
+    synchronize(device)
+    started = time.perf_counter()
+    for step in range(cfg.max_iters):
+        if step % cfg.eval_interval == 0:
+            synchronize(device)
+            train_seconds += time.perf_counter() - started
+            evaluate(step)
+            started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, cfg)
+        x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, batch_gen, device)
+        with autocast_context(device, amp):
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if on_progress is not None:
+            elapsed = train_seconds + time.perf_counter() - started
+            on_progress(step + 1, cfg.max_iters, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9))
+    synchronize(device)
+    train_seconds += time.perf_counter() - started
+    evaluate(cfg.max_iters)
+    return TrainResult(
+        curve=curve,
+        train_seconds=train_seconds,
+        tokens_per_second=cfg.max_iters * tokens_per_step / max(train_seconds, 1e-9),
+        precision="float32" if amp is None else str(amp).removeprefix("torch."),
+    )

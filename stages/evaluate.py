@@ -1,0 +1,62 @@
+"""Stage `evaluate@<model>`: exact final losses of a checkpoint into a metrics JSON file."""
+
+import math
+from pathlib import Path
+
+import typer
+
+from charlm import io
+from charlm.batches import load_tokens
+from charlm.checkpoint import load_checkpoint
+from charlm.device import configure_threads, resolve_device
+from charlm.errors import reported_errors
+from charlm.params import load_params
+from charlm.tokenizer import CharTokenizer
+from charlm.training import split_loss
+
+
+def main(
+    model: str = typer.Argument(..., help="bigram or gpt."),
+    checkpoint: Path = typer.Option(..., help="The checkpoint from `train`."),
+    train_tokens: Path = typer.Option(..., "--train", help="The training tokens from `split`."),
+    val_tokens: Path = typer.Option(..., "--val", help="The validation tokens from `split`."),
+    vocab: Path = typer.Option(..., help="The vocabulary from `encode`."),
+    metrics: Path = typer.Option(..., help="Output: the metrics JSON."),
+    params: Path = typer.Option(Path("params.yaml"), help="The params file."),
+) -> None:
+    with reported_errors(f"evaluate@{model}"):
+        p = load_params(params)
+        device = resolve_device(p.device)
+        configure_threads(p.threads)
+        tokenizer = CharTokenizer.load(vocab)
+        ckpt = load_checkpoint(checkpoint, expected_model=model, tokenizer=tokenizer)
+        train_data = load_tokens(train_tokens, tokenizer.dtype)
+        val_data = load_tokens(val_tokens, tokenizer.dtype)
+        net = ckpt.build().to(device)
+        window = ckpt.config.get("block_size", 256)  # the bigram sees one token whatever the window
+        val_loss = split_loss(net, val_data, window, device)
+        # The train split is 9x the val split: an even spread of windows as large as val is enough.
+        train_loss = split_loss(net, train_data, window, device, max_tokens=len(val_data))
+        result = {
+            "train_loss": round(train_loss, 5),
+            "val_loss": round(val_loss, 5),
+            "val_bpc": round(val_loss / math.log(2), 5),
+            "params": ckpt.n_params,
+        }
+        if model == "bigram":
+            from charlm.models.bigram import bigram_loss_floor
+
+            result["val_loss_floor"] = round(bigram_loss_floor(train_data, val_data, tokenizer.vocab_size), 5)
+        stats = ckpt.train_stats
+        result |= {
+            "train_seconds": stats.get("train_seconds"),
+            "tokens_per_second": stats.get("tokens_per_second"),
+            "precision": stats.get("precision"),
+            "device": device,
+        }
+        io.write_json(metrics, result)
+        print(f"evaluate@{model}: val_loss {val_loss:.4f}, train_loss {train_loss:.4f}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,57 @@
+"""Stage `train@<model>`: train the bigram or the GPT on the train split, with the loss curve."""
+
+from pathlib import Path
+
+import typer
+
+from charlm.batches import load_tokens
+from charlm.checkpoint import make_checkpoint, save_checkpoint
+from charlm.curves import write_curve
+from charlm.device import configure_threads, resolve_device, seed_everything
+from charlm.errors import reported_errors
+from charlm.models import build_model, config_for, count_params
+from charlm.params import ParamsError, load_params
+from charlm.progress import Progress
+from charlm.tokenizer import CharTokenizer
+from charlm.training import train
+
+
+def main(
+    model: str = typer.Argument(..., help="bigram or gpt: which params section and model to train."),
+    train_tokens: Path = typer.Option(..., "--train", help="The training tokens from `split`."),
+    val_tokens: Path = typer.Option(..., "--val", help="The validation tokens from `split`."),
+    vocab: Path = typer.Option(..., help="The vocabulary from `encode`."),
+    checkpoint: Path = typer.Option(..., help="Output: the trained model."),
+    curve: Path = typer.Option(..., help="Output: the loss curve (CSV: step, train_loss, val_loss)."),
+    params: Path = typer.Option(Path("params.yaml"), help="The params file."),
+) -> None:
+    with reported_errors(f"train@{model}"):
+        p = load_params(params)
+        cfg = p.model(model)
+        device = resolve_device(p.device)
+        configure_threads(p.threads)
+        tokenizer = CharTokenizer.load(vocab)
+        splits = {"train": load_tokens(train_tokens, tokenizer.dtype), "val": load_tokens(val_tokens, tokenizer.dtype)}
+        for name, data in splits.items():
+            if cfg.block_size >= len(data):
+                raise ParamsError(
+                    f"{model}.block_size = {cfg.block_size}: must be shorter than the {name} split ({len(data)} tokens)"
+                )
+        seed_everything(p.seed)
+        net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
+        print(f"train@{model}: {count_params(net):,} parameters on {device}, {cfg.max_iters} steps", flush=True)
+        progress = Progress(model)
+        result = train(net, splits["train"], splits["val"], cfg, device, p.seed, progress.on_progress, progress.on_eval)
+        stats = {
+            "train_seconds": round(result.train_seconds, 3),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "precision": result.precision,
+            "device": device,
+            "steps": cfg.max_iters,
+        }
+        save_checkpoint(checkpoint, make_checkpoint(model, net, tokenizer, stats))
+        write_curve(curve, result.curve)
+
+
+if __name__ == "__main__":
+    typer.run(main)
