@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny corpora made here, never the real tinyshakespeare."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+WORDS = (
+    "the king my lord and sweet love thou art not what she would have me speak of noble heart "
+    "grief death night day come go hence tell why doth fair brother sir madam good"
+).split()
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> str:
+    """Play-like text: speaker names, verse lines and blank lines, deterministic for a seed."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        speaker = rng.choice(["KING", "ROMEO", "JULIET", "First Citizen"])
+        verse = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10)))
+        lines.append(f"{speaker}:\n{verse.capitalize()}{rng.choice('.,;!?')}\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> str:
+    return make_corpus()

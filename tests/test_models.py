@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from charlm.models import build_model, config_for, count_params
+from charlm.models.bigram import bigram_loss_floor
+from charlm.params import GPTParams
+
+V = 65
+
+
+def tiny_gpt(**overrides):
+    torch.manual_seed(0)
+    config = dict(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0) | overrides
+    return build_model("gpt", config).eval()
+
+
+@pytest.mark.parametrize("name", ["bigram", "gpt"])
+def test_one_interface(name):
+    torch.manual_seed(0)
+    model = build_model(name, {"vocab_size": V} | ({"block_size": 16, "n_embd": 32} if name == "gpt" else {}))
+    idx = torch.randint(V, (3, 10))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 10, V) and loss is None
+    logits, loss = model(idx, idx)
+    assert loss.ndim == 0
+
+
+def test_gpt_loss_at_init_is_near_uniform():
+    model = tiny_gpt()
+    idx = torch.randint(V, (8, 16), generator=torch.Generator().manual_seed(1))
+    _, loss = model(idx, torch.roll(idx, -1, 1))
+    assert abs(loss.item() - math.log(V)) < 0.1  # small init: near-uniform predictions, loss ~ ln(V)
+
+
+def test_causal_masking_future_tokens_never_change_earlier_logits():
+    model = tiny_gpt()
+    idx = torch.randint(V, (1, 16), generator=torch.Generator().manual_seed(2))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 7) % V
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_kv_cache_matches_full_forward():
+    model = tiny_gpt()
+    idx = torch.randint(V, (2, 12), generator=torch.Generator().manual_seed(3))
+    full, _ = model(idx)
+    last, cache = model.forward_cached(idx[:, :5], None)
+    assert torch.allclose(last, full[:, 4], atol=1e-5)
+    last, cache = model.forward_cached(idx[:, 5:6], cache)
+    assert torch.allclose(last, full[:, 5], atol=1e-5)
+    last, cache = model.forward_cached(idx[:, 6:12], cache)  # several new tokens at once
+    assert torch.allclose(last, full[:, 11], atol=1e-5)
+
+
+def test_sequence_longer_than_block_size_is_an_error():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_gpt()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_config_from_params_section():
+    section = GPTParams(n_layer=1, n_head=2, n_embd=8, block_size=4)
+    config = config_for("gpt", section, vocab_size=11)
+    assert config == dict(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True)
+    assert count_params(build_model("gpt", config)) > 0
+
+
+def test_bigram_floor_is_the_count_optimum():
+    train = torch.tensor([0, 1, 0, 1, 0, 2], dtype=torch.uint8)
+    val = torch.tensor([0, 1, 0], dtype=torch.uint8)
+    # counts+1 from 0: to 0 ->1, to 1 ->3, to 2 ->2 (sum 6); from 1: to 0 ->3, others 1 (sum 5)
+    expected = -(math.log(3 / 6) + math.log(3 / 5)) / 2
+    assert bigram_loss_floor(train, val, 3) == pytest.approx(expected)

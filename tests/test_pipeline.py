@@ -1,0 +1,211 @@
+"""End to end: the real dvc.yaml on a tiny corpus in a throw-away git repo.
+
+Checks that every stage runs, a second `dvc repro` runs nothing, each kind of change re-runs exactly
+the stages that read it, metrics compare across experiments, and an absent device fails cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_STAGES = {
+    "download",
+    "encode",
+    "split",
+    "train@bigram",
+    "train@gpt",
+    "evaluate@bigram",
+    "evaluate@gpt",
+    "sample@bigram",
+    "sample@gpt",
+}
+TINY = {
+    "bigram": {"batch_size": 16, "block_size": 8, "max_iters": 40, "eval_interval": 20, "eval_iters": 2},
+    "gpt": {
+        "batch_size": 8,
+        "block_size": 16,
+        "max_iters": 20,
+        "eval_interval": 10,
+        "eval_iters": 2,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "warmup_iters": 2,
+        "precision": "float32",
+    },
+    "sample": {"max_new_tokens": 40},
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(args: str, project: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args.split()], project, env, check)
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def would_run(project: Path, env: dict[str, str]) -> set[str]:
+    return ran_stages(dvc("repro --dry", project, env).stdout)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("home")
+    identity = {"GIT_AUTHOR_NAME": "charlm test", "GIT_AUTHOR_EMAIL": "test@example.invalid"}
+    identity |= {"GIT_COMMITTER_NAME": "charlm test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")}
+    return keep | identity | {"HOME": str(home), "DVC_NO_ANALYTICS": "1", "PYTHONHASHSEED": "0"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, env) -> Path:
+    """A copy of this project, tiny params, a corpus made here, committed, with one `dvc repro` done."""
+    base = tmp_path_factory.mktemp("e2e")
+    project = base / "charlm"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "tmp", "cache")
+    for name in ("charlm", "stages", ".dvc"):
+        shutil.copytree(ROOT / name, project / name, ignore=ignore)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, project / name)
+    corpus = base / "corpus.txt"
+    corpus.write_text(make_corpus(300), encoding="utf-8")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"] = {"url": str(corpus), "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}
+    for section, values in TINY.items():
+        params[section] |= values
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], project, env)
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-qm", "tiny project"], project, env)
+    first = dvc("repro", project, env)
+    assert ran_stages(first.stdout) == ALL_STAGES, first.stdout
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-qm", "reference run"], project, env)
+    return project
+
+
+def test_every_stage_wrote_its_outputs(project):
+    for path in ("data/input.txt", "data/vocab.json", "data/tokens.bin", "data/train.bin", "data/val.bin"):
+        assert (project / path).stat().st_size > 0, path
+    for model in ("bigram", "gpt"):
+        metrics = json.loads((project / f"metrics/{model}.json").read_text())
+        assert {"train_loss", "val_loss", "val_bpc", "params", "train_seconds", "tokens_per_second"} <= set(metrics)
+        assert metrics["device"] == "cpu"
+        assert 0 < metrics["val_loss"] < 10
+        curve = (project / f"metrics/curves/{model}.csv").read_text().splitlines()
+        assert curve[0] == "step,train_loss,val_loss" and len(curve) >= 3
+        sample = (project / f"samples/{model}.txt").read_text()
+        assert len(sample) == 1 + TINY["sample"]["max_new_tokens"]  # the "\n" prompt plus the new text
+        assert (project / f"models/{model}.pt").is_file()
+    bigram = json.loads((project / "metrics/bigram.json").read_text())
+    assert bigram["val_loss_floor"] > 0
+
+
+def test_second_repro_runs_nothing(project, env):
+    out = dvc("repro", project, env).stdout
+    assert ran_stages(out) == set(), out
+    assert dvc("status", project, env).stdout.strip().endswith("Data and pipelines are up to date.")
+
+
+def edited_params(project: Path, section: str, key: str | None, value) -> dict:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    if key is None:
+        params[section] = value
+    else:
+        params[section][key] = value
+    return params
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("sample", "temperature", 0.8, {"sample@bigram", "sample@gpt"}),
+        ("device", None, "auto", ALL_STAGES - {"download", "encode", "split"}),
+        # The downstream stages of these follow from the changed outputs (test_experiment_* runs one).
+        ("gpt", "max_iters", 30, {"train@gpt"}),
+        ("split", "val_fraction", 0.2, {"split"}),
+    ],
+)
+def test_a_param_change_reruns_exactly_its_readers(project, env, section, key, value, expected):
+    """`dvc repro --dry` lists the stages whose own deps changed (not yet those downstream of them)."""
+    original = (project / "params.yaml").read_text()
+    try:
+        (project / "params.yaml").write_text(
+            yaml.safe_dump(edited_params(project, section, key, value), sort_keys=False)
+        )
+        assert would_run(project, env) == expected
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_editing_sampling_code_reruns_only_sampling(project, env):
+    path = project / "charlm" / "sampling.py"
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# an edit\n")
+        assert would_run(project, env) == {"sample@bigram", "sample@gpt"}
+    finally:
+        path.write_text(original)
+
+
+def test_editing_gpt_code_leaves_the_bigram_alone(project, env):
+    path = project / "charlm" / "models" / "gpt.py"
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# an edit\n")
+        assert would_run(project, env) == {"train@gpt", "evaluate@gpt", "sample@gpt"}  # all read gpt.py
+    finally:
+        path.write_text(original)
+
+
+def test_same_params_same_metrics(project, env):
+    """Determinism: re-training from scratch reproduces every metric except the timings."""
+    before = {m: json.loads((project / f"metrics/{m}.json").read_text()) for m in ("bigram", "gpt")}
+    dvc("repro -f train@gpt evaluate@gpt", project, env)
+    after = json.loads((project / "metrics/gpt.json").read_text())
+    timing = {"train_seconds", "tokens_per_second"}
+    assert {k: v for k, v in after.items() if k not in timing} == {
+        k: v for k, v in before["gpt"].items() if k not in timing
+    }
+
+
+def test_experiment_and_metrics_diff(project, env):
+    exp = dvc("exp run -S gpt.max_iters=30 -n longer", project, env)
+    assert ran_stages(exp.stdout) == {"train@gpt", "evaluate@gpt", "sample@gpt"}, exp.stdout
+    diff = dvc("metrics diff --json", project, env).stdout
+    changed = json.loads(diff)
+    assert "val_loss" in changed["metrics/gpt.json"]
+    assert "metrics/bigram.json" not in changed  # the bigram stages stayed cached
+    shown = dvc("exp show --no-pager --csv", project, env).stdout
+    assert "longer" in shown and "val_loss" in shown
+    run(["git", "checkout", "--", "."], project, env)
+    dvc("checkout", project, env)
+
+
+def test_absent_device_fails_naming_it(project, env):
+    proc = dvc("exp run -S device=mps", project, env, check=False)
+    assert proc.returncode != 0
+    assert "device = 'mps' is not available on this machine (available: cpu" in proc.stdout + proc.stderr
+    run(["git", "checkout", "--", "."], project, env)

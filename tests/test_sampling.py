@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from charlm.models import build_model
+from charlm.sampling import generate, prompt_ids, sample_next
+from charlm.tokenizer import CharTokenizer, UnknownCharactersError
+
+V = 30
+
+
+def tiny_gpt(block_size=16):
+    torch.manual_seed(0)
+    return build_model("gpt", dict(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_generation_length_is_max_new_tokens():
+    model = tiny_gpt()
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), 40, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 43)
+
+
+def test_temperature_zero_is_argmax_and_deterministic():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    ids = sample_next(logits, 0.0, 0, torch.Generator().manual_seed(0))
+    assert ids.tolist() == [[1], [0]]
+    model = tiny_gpt()
+    a = generate(
+        model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0, generator=torch.Generator().manual_seed(1)
+    )
+    b = generate(
+        model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0, generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(a, b)
+
+
+def test_top_k_only_draws_from_the_k_likeliest():
+    logits = torch.arange(10.0).repeat(500, 1)  # token 9 likeliest, then 8, 7...
+    ids = sample_next(logits, 5.0, 3, torch.Generator().manual_seed(0))
+    assert set(ids.flatten().tolist()) == {7, 8, 9}
+
+
+def test_same_seed_same_text_other_seed_other_text():
+    model = tiny_gpt()
+    start = torch.zeros(1, 1, dtype=torch.long)
+    a = generate(model, start, 50, generator=torch.Generator().manual_seed(5))
+    b = generate(model, start, 50, generator=torch.Generator().manual_seed(5))
+    c = generate(model, start, 50, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kv_cache_gives_the_lecture_loop_tokens_while_context_fits():
+    model = tiny_gpt(block_size=32)
+    start = torch.tensor([[1, 2, 3]])
+    cached = generate(model, start, 29, generator=torch.Generator().manual_seed(7), use_cache=True)
+    plain = generate(model, start, 29, generator=torch.Generator().manual_seed(7), use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_kv_cache_past_block_size_keeps_going():
+    model = tiny_gpt(block_size=8)
+    out = generate(model, torch.tensor([[1]]), 50, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 51)
+
+
+def test_bigram_generation_reads_only_the_last_token():
+    torch.manual_seed(0)
+    model = build_model("bigram", {"vocab_size": V}).eval()
+    calls = []
+    original = model.forward
+    model.forward = lambda idx, targets=None: (calls.append(idx.shape[1]), original(idx, targets))[1]
+    generate(model, torch.zeros(1, 5, dtype=torch.long), 10, generator=torch.Generator().manual_seed(0))
+    assert calls == [1] * 10
+
+
+def test_prompt_ids():
+    tok = CharTokenizer.fit("ab\ncd")
+    assert prompt_ids(tok, "") == ([0], [])  # empty prompt starts from "\n"
+    assert prompt_ids(tok, "abc") == ([1, 2, 3], [])
+    with pytest.raises(UnknownCharactersError, match="'z'"):
+        prompt_ids(tok, "azb")
+    assert prompt_ids(tok, "azb", drop_unknown=True) == ([1, 2], ["z"])
