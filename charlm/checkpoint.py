@@ -77,10 +77,15 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        if "GLOBAL" not in text:  # not a refused import: the bytes are simply not a pickle we can read
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (truncated or corrupt); re-run the train stage"
+            ) from None
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
         raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain data, which could run "
-            f"code ({first[:160]}); only load checkpoints written by charlm"
+            f"{path}: refused to load: it references Python code, which a checkpoint never needs "
+            f"({detail[:140]}); only load checkpoints written by charlm"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(

@@ -29,8 +29,12 @@ class DataError(CharlmError, ValueError):
     """A data file that is missing, malformed or inconsistent with another."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so every `finally` and atomic writer cleans up."""
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise Terminated()
 
 
 @contextmanager
@@ -39,9 +43,9 @@ def reported_errors(name: str) -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         print(f"{name}: interrupted; no output was written", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 143) from None
     except CharlmError as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None

@@ -31,6 +31,7 @@ ALL_STAGES = {
     "evaluate@gpt",
     "sample@bigram",
     "sample@gpt",
+    "plot",
 }
 TINY = {
     "bigram": {"batch_size": 16, "block_size": 8, "max_iters": 40, "eval_interval": 20, "eval_iters": 2},
@@ -119,6 +120,7 @@ def test_every_stage_wrote_its_outputs(project):
         sample = (project / f"samples/{model}.txt").read_text()
         assert len(sample) == 1 + TINY["sample"]["max_new_tokens"]  # the "\n" prompt plus the new text
         assert (project / f"models/{model}.pt").is_file()
+    assert (project / "metrics/loss_curves.png").read_bytes().startswith(b"\x89PNG")
     bigram = json.loads((project / "metrics/bigram.json").read_text())
     assert bigram["val_loss_floor"] > 0
 
@@ -142,7 +144,7 @@ def edited_params(project: Path, section: str, key: str | None, value) -> dict:
     ("section", "key", "value", "expected"),
     [
         ("sample", "temperature", 0.8, {"sample@bigram", "sample@gpt"}),
-        ("device", None, "auto", ALL_STAGES - {"download", "encode", "split"}),
+        ("device", None, "auto", ALL_STAGES - {"download", "encode", "split", "plot"}),
         # The downstream stages of these follow from the changed outputs (test_experiment_* runs one).
         ("gpt", "max_iters", 30, {"train@gpt"}),
         ("split", "val_fraction", 0.2, {"split"}),
@@ -193,7 +195,7 @@ def test_same_params_same_metrics(project, env):
 
 def test_experiment_and_metrics_diff(project, env):
     exp = dvc("exp run -S gpt.max_iters=30 -n longer", project, env)
-    assert ran_stages(exp.stdout) == {"train@gpt", "evaluate@gpt", "sample@gpt"}, exp.stdout
+    assert ran_stages(exp.stdout) == {"train@gpt", "evaluate@gpt", "sample@gpt", "plot"}, exp.stdout
     diff = dvc("metrics diff --json", project, env).stdout
     changed = json.loads(diff)
     assert "val_loss" in changed["metrics/gpt.json"]

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from charlm.corpus import encode_text, split_tokens
 from charlm.errors import DataError
@@ -58,3 +60,23 @@ def test_split_is_contiguous_first_train_then_val():
 def test_split_too_small_fails():
     with pytest.raises(DataError, match="val_fraction"):
         split_tokens(b"abc", 1, 0.1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=200))
+def test_round_trip_property(text):
+    """Any text round-trips through a vocabulary fitted on it, whatever its characters."""
+    tok, encoded = encode_text(text)
+    assert tok.decode(tok.encode(text)) == text
+    width = tok.itemsize
+    ids = [int.from_bytes(encoded[i : i + width], "little") for i in range(0, len(encoded), width)]
+    assert ids == tok.encode(text)
+    assert CharTokenizer.from_json(tok.to_json()) == tok
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_round_trip_from_a_fixed_vocab(data):
+    tok = CharTokenizer.fit("abc XYZ\n!é")
+    text = data.draw(st.text(alphabet=tok.chars, max_size=100))
+    assert tok.decode(tok.encode(text)) == text

@@ -1,0 +1,87 @@
+"""The `charlm` command through typer's CliRunner."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from charlm.checkpoint import make_checkpoint, save_checkpoint
+from charlm.cli import app
+from charlm.models import build_model
+from charlm.tokenizer import CharTokenizer
+
+runner = CliRunner()
+TOK = CharTokenizer.fit("abcdefgh ABC\n")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "models" / "gpt.pt"
+    torch.manual_seed(0)
+    model = build_model("gpt", dict(vocab_size=TOK.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(path, make_checkpoint("gpt", model, TOK, {"train_seconds": 2.0, "steps": 10}))
+    return path
+
+
+def test_sample_streams_the_prompt_and_exactly_n_characters(ckpt):
+    result = runner.invoke(app, ["sample", str(ckpt), "--prompt", "abc", "-n", "40", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout.removesuffix("\n")
+    assert text.startswith("abc") and len(text) == 43
+    again = runner.invoke(app, ["sample", str(ckpt), "--prompt", "abc", "-n", "40", "--temperature", "0"])
+    assert again.stdout == result.stdout
+
+
+def test_seed_changes_the_text(ckpt):
+    a = runner.invoke(app, ["sample", str(ckpt), "-n", "60", "--seed", "1"]).stdout
+    b = runner.invoke(app, ["sample", str(ckpt), "-n", "60", "--seed", "2"]).stdout
+    assert a != b
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "xyz"], "characters not in the vocabulary: 'x' 'y' 'z'"),
+        (["--top-k", "99"], "--top-k 99: must be <= the vocabulary size (13)"),
+        (["--temperature", "-1"], "sample.temperature = -1.0"),
+        (["-n", "0"], "sample.max_new_tokens = 0"),
+        (["--device", "mps"], "device = 'mps' is not available"),
+    ],
+)
+def test_sample_errors_are_one_line(ckpt, args, message):
+    if "mps" in args and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    result = runner.invoke(app, ["sample", str(ckpt), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_drop_unknown_warns_and_continues(ckpt):
+    result = runner.invoke(app, ["sample", str(ckpt), "--prompt", "abxz", "-n", "5", "--drop-unknown"])
+    assert result.exit_code == 0
+    assert "dropped characters not in the vocabulary: 'x' 'z'" in result.stderr
+    assert result.stdout.startswith("ab")
+
+
+def test_info_card(ckpt):
+    result = runner.invoke(app, ["info", str(ckpt)])
+    assert result.exit_code == 0
+    assert "gpt model" in result.stdout and "n_layer      1" in result.stdout and "train_seconds" in result.stdout
+    card = json.loads(runner.invoke(app, ["info", str(ckpt), "--json"]).stdout)
+    assert card["model"] == "gpt" and card["vocab_size"] == 13 and card["params"] > 0
+
+
+def test_bad_checkpoint_is_one_line_exit_1(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    for command in ("info", "sample"):
+        result = runner.invoke(app, [command, str(bad)])
+        assert result.exit_code == 1
+        assert "bad.pt: not a readable checkpoint" in result.stderr
+
+
+def test_help_has_examples():
+    for command in ("sample", "info"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Example" in result.stdout

@@ -1,0 +1,171 @@
+"""The stage scripts as DVC runs them: exit codes, one-line errors, nothing half-written on a kill."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stage(name: str, *args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{name}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+
+
+def write_params(path: Path, **sections) -> None:
+    path.write_text(yaml.safe_dump(sections))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A work dir with the data stages done on a tiny corpus."""
+    work = tmp_path_factory.mktemp("stages")
+    corpus = work / "corpus.txt"
+    corpus.write_text(make_corpus(300))
+    sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    write_params(work / "params.yaml", data={"url": str(corpus), "sha256": sha})
+    for name, args in [
+        ("download", ["--out", "data/input.txt"]),
+        ("encode", ["--text", "data/input.txt", "--vocab", "data/vocab.json", "--tokens", "data/tokens.bin"]),
+        (
+            "split",
+            [
+                "--tokens",
+                "data/tokens.bin",
+                "--vocab",
+                "data/vocab.json",
+                "--train",
+                "data/train.bin",
+                "--val",
+                "data/val.bin",
+            ],
+        ),
+    ]:
+        proc = stage(name, *args, cwd=work)
+        assert proc.returncode == 0, proc.stderr
+    return work
+
+
+TRAIN_ARGS = [
+    "--train",
+    "data/train.bin",
+    "--val",
+    "data/val.bin",
+    "--vocab",
+    "data/vocab.json",
+    "--checkpoint",
+    "models/gpt.pt",
+    "--curve",
+    "curves/gpt.csv",
+]
+TINY_GPT = {
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 16,
+    "block_size": 16,
+    "batch_size": 8,
+    "eval_interval": 5,
+    "eval_iters": 2,
+    "warmup_iters": 1,
+    "precision": "float32",
+}
+
+
+def leftovers(work: Path) -> list[Path]:
+    return [p for d in ("models", "curves") if (work / d).exists() for p in (work / d).iterdir()]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"gpt": {"batch_size": 0}}, "gpt.batch_size = 0: must be a positive integer"),
+        ({"gpt": {"block_size": 100000}}, "gpt.block_size = 100000: must be shorter than the train split"),
+        ({"device": "mps"}, "device = 'mps' is not available on this machine"),
+        ({"gpt": {"n_embd": 30, "n_head": 4}}, "gpt.n_embd = 30: must be divisible by gpt.n_head (4)"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(prepared, tmp_path, params, message):
+    write_params(tmp_path / "bad.yaml", **params)
+    proc = stage("train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "bad.yaml"), cwd=prepared)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train@gpt: error: {message}")
+    assert leftovers(prepared) == []
+
+
+def test_sample_rejects_unknown_prompt_characters_and_big_top_k(prepared, tmp_path):
+    write_params(tmp_path / "p.yaml", gpt=TINY_GPT | {"max_iters": 5})
+    assert stage("train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml"), cwd=prepared).returncode == 0
+    args = ["gpt", "--checkpoint", "models/gpt.pt", "--vocab", "data/vocab.json", "--out", str(tmp_path / "s.txt")]
+    write_params(tmp_path / "q.yaml", sample={"prompt": "ROMEO€§"})
+    proc = stage("sample", *args, "--params", str(tmp_path / "q.yaml"), cwd=prepared)
+    assert proc.returncode == 2 and "'§' '€'" in proc.stderr
+    write_params(tmp_path / "q.yaml", sample={"top_k": 500})
+    proc = stage("sample", *args, "--params", str(tmp_path / "q.yaml"), cwd=prepared)
+    assert proc.returncode == 2 and "sample.top_k = 500: must be <= the vocabulary size" in proc.stderr
+    assert not (tmp_path / "s.txt").exists()
+    for path in leftovers(prepared):
+        path.unlink()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_killed_training_leaves_nothing_half_written_and_reruns(prepared, tmp_path, sig):
+    write_params(tmp_path / "long.yaml", gpt=TINY_GPT | {"max_iters": 10**6, "eval_interval": 20})
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "long.yaml")],
+        cwd=prepared,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "step 20:" not in seen and time.monotonic() < deadline:  # wait until it is mid-training
+        seen += proc.stdout.readline()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "interrupted; no output was written" in out
+    assert leftovers(prepared) == []
+    write_params(tmp_path / "short.yaml", gpt=TINY_GPT | {"max_iters": 10})
+    rerun = stage("train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "short.yaml"), cwd=prepared)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in leftovers(prepared)) == ["gpt.csv", "gpt.pt"]
+    for path in leftovers(prepared):
+        path.unlink()
+
+
+def test_download_failure_leaves_nothing(tmp_path):
+    write_params(tmp_path / "params.yaml", data={"url": str(tmp_path / "absent.txt"), "sha256": ""})
+    proc = stage("download", "--out", "data/input.txt", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "download: error: download of" in proc.stderr and "cannot read" in proc.stderr
+    assert not (tmp_path / "data" / "input.txt").exists()
+
+
+def test_encode_rejects_non_utf8(tmp_path):
+    (tmp_path / "input.txt").write_bytes(b"caf\xe9\n")
+    proc = stage("encode", "--text", "input.txt", "--vocab", "v.json", "--tokens", "t.bin", cwd=tmp_path)
+    assert proc.returncode == 1 and "not UTF-8 text" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]
