@@ -211,3 +211,42 @@ def test_absent_device_fails_naming_it(project, env):
     assert proc.returncode != 0
     assert "device = 'mps' is not available on this machine (available: cpu" in proc.stdout + proc.stderr
     run(["git", "checkout", "--", "."], project, env)
+
+
+def test_killed_stage_under_dvc_leaves_nothing_and_the_next_repro_completes(project, env):
+    import signal
+    import time
+
+    import psutil
+
+    original = (project / "params.yaml").read_text()
+    long = edited_params(project, "gpt", "max_iters", 10**6)
+    long["gpt"]["eval_interval"] = 10
+    (project / "params.yaml").write_text(yaml.safe_dump(long, sort_keys=False))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "train@gpt"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        seen, deadline = "", time.monotonic() + 120
+        while "gpt step 20:" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        stage = [p for p in children if "stages.train" in " ".join(p.cmdline())]
+        assert stage, seen
+        stage[0].send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert proc.returncode != 0
+    assert "interrupted; no output was written" in seen + out
+    leftovers = [p.name for d in ("models", "metrics/curves") for p in (project / d).iterdir() if ".tmp" in p.name]
+    assert leftovers == []
+    assert not (project / "models" / "gpt.pt").exists()  # DVC removed the old output; nothing half-written replaced it
+    dvc("repro", project, env)
+    assert dvc("status", project, env).stdout.strip().endswith("Data and pipelines are up to date.")
+    assert (project / "models" / "gpt.pt").is_file()

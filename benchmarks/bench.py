@@ -1,0 +1,304 @@
+"""The performance benchmark: prints a table beside the targets and writes JSON.
+
+    python -m benchmarks.bench --quick        # about a minute
+    python -m benchmarks.bench                # the full set (a few minutes), as in the README
+
+Needs the real corpus: --data, else $CHARLM_DATA_FILE, else data/input.txt from `dvc repro`.
+Each training measurement runs in a fresh subprocess, so its peak memory (max RSS) is its own.
+The lecture's generation loop is kept here, verbatim in spirit, as the baseline for the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+ROOT = Path(__file__).resolve().parent.parent
+LECTURE_GPT = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, learning_rate=3e-4)
+NANOGPT_CPU_VAL = 1.886  # nanoGPT's documented CPU recipe: best val loss after 2000 steps, 91 s here
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _splits(data: Path):
+    from charlm.batches import load_tokens
+    from charlm.corpus import decode_corpus, encode_text, split_tokens
+
+    tok, encoded = encode_text(decode_corpus(data.read_bytes(), str(data)))
+    train, val = split_tokens(encoded, tok.itemsize, 0.1)
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "train.bin").write_bytes(train)
+    (tmp / "val.bin").write_bytes(val)
+    return tok, load_tokens(tmp / "train.bin", tok.dtype), load_tokens(tmp / "val.bin", tok.dtype)
+
+
+def worker_train(data: Path, model: str, overrides: dict, steps: int, target: float | None) -> dict:
+    """Train `steps` steps of `model` with params.yaml's section plus `overrides`."""
+    import dataclasses
+
+    import torch
+
+    from charlm.models import build_model, config_for
+    from charlm.params import load_params
+    from charlm.training import split_loss, train
+
+    tok, train_data, val_data = _splits(data)
+    section = dataclasses.replace(load_params(ROOT / "params.yaml").model(model), **overrides)
+    if target is None:  # throughput only: no evaluations in the way
+        section = dataclasses.replace(section, max_iters=steps, eval_interval=10**9, eval_iters=1)
+    torch.manual_seed(1337)
+    net = build_model(model, config_for(model, section, tok.vocab_size))
+    hit: dict = {}
+    elapsed = {"train": 0.0}
+
+    def on_progress(step, total, loss, tokens_per_s):
+        elapsed["train"] = step * section.batch_size * section.block_size / tokens_per_s
+
+    def on_eval(point):
+        if target is not None and "step" not in hit and point.val_loss <= target:
+            hit.update(step=point.step, seconds=elapsed["train"])
+
+    result = train(net, train_data, val_data, section, "cpu", 1337, on_progress, on_eval)
+    out = {
+        "tokens_per_second": result.tokens_per_second,
+        "train_seconds": result.train_seconds,
+        "precision": result.precision,
+        "peak_mb": _peak_mb(),
+        "curve": [dataclasses.asdict(p) for p in result.curve],
+    }
+    if model == "bigram":
+        from charlm.models.bigram import bigram_loss_floor
+
+        out["val_loss"] = split_loss(net, val_data, 256, "cpu")
+        out["val_loss_floor"] = bigram_loss_floor(train_data, val_data, tok.vocab_size)
+    if target is not None:
+        out["time_to_target"] = hit.get("seconds")
+        out["step_to_target"] = hit.get("step")
+    return out
+
+
+def lecture_generate(model, idx, max_new_tokens: int, block_size: int):
+    """The lecture's loop: re-run the whole cropped context for every new token."""
+    import torch
+
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -block_size:])
+        probs = torch.softmax(logits[:, -1, :], dim=-1)
+        idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+    return idx
+
+
+def worker_sample(tokens: int) -> dict:
+    import torch
+
+    from charlm.models import build_model
+    from charlm.sampling import generate
+
+    torch.manual_seed(0)
+    config = {k: LECTURE_GPT[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    model = build_model("gpt", dict(vocab_size=65, **config)).eval()
+    start = torch.zeros((1, 1), dtype=torch.long)
+    generate(model, start, 10)  # warm-up
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        lecture_generate(model, start, tokens, config["block_size"])
+        lecture = tokens / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    generate(model, start, tokens, generator=torch.Generator().manual_seed(0))
+    cached = tokens / (time.perf_counter() - t0)
+    return {"lecture_tokens_per_second": lecture, "cached_tokens_per_second": cached, "tokens": tokens}
+
+
+def worker_encode(data: Path) -> dict:
+    import torch
+
+    from charlm.tokenizer import CharTokenizer
+
+    text = data.read_text(encoding="utf-8")
+    tok = CharTokenizer.fit(text)
+    stoi = {c: i for i, c in enumerate(tok.chars)}
+    t0 = time.perf_counter()
+    lecture = torch.tensor([stoi[c] for c in text], dtype=torch.long)  # the lecture's encode
+    t1 = time.perf_counter()
+    fast = tok.encode_bytes(text)
+    t2 = time.perf_counter()
+    assert list(fast[:1000]) == lecture[:1000].tolist()
+    return {
+        "lecture_ms": (t1 - t0) * 1000,
+        "vectorised_ms": (t2 - t1) * 1000,
+        "lecture_bytes": lecture.numel() * 8,
+        "vectorised_bytes": len(fast),
+    }
+
+
+def run_worker(kind: str, **kwargs) -> dict:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.bench", "worker", kind, json.dumps(kwargs, default=str)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark worker {kind} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_data_stages(data: Path) -> dict:
+    """Wall time of download/encode/split as DVC runs them (fresh interpreter each)."""
+    work = Path(tempfile.mkdtemp())
+    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
+    env = os.environ | {"PYTHONPATH": str(ROOT), "CHARLM_DATA_FILE": str(data)}
+    commands = {
+        "download": ["--out", "data/input.txt"],
+        "encode": ["--text", "data/input.txt", "--vocab", "data/vocab.json", "--tokens", "data/tokens.bin"],
+        "split": [
+            "--tokens",
+            "data/tokens.bin",
+            "--vocab",
+            "data/vocab.json",
+            "--train",
+            "data/train.bin",
+            "--val",
+            "data/val.bin",
+        ],
+    }
+    out = {}
+    for name, args in commands.items():
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", f"stages.{name}", *args], cwd=work, env=env, check=True, capture_output=True
+        )
+        out[name] = time.perf_counter() - t0
+    shutil.rmtree(work)
+    return out
+
+
+def time_noop_repro() -> float | None:
+    """`dvc repro` when everything is cached, if this checkout's pipeline is up to date."""
+    if not (ROOT / "dvc.lock").exists() or not (ROOT / "data" / "train.bin").exists():
+        return None
+    status = subprocess.run(["dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    if status.returncode != 0 or json.loads(status.stdout or "{}"):
+        return None
+    t0 = time.perf_counter()
+    subprocess.run(["dvc", "repro"], cwd=ROOT, capture_output=True, check=True)
+    return time.perf_counter() - t0
+
+
+def find_data(data: Path | None) -> Path:
+    for candidate in (data, os.environ.get("CHARLM_DATA_FILE"), ROOT / "data" / "input.txt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise SystemExit("bench: no corpus: pass --data PATH, set CHARLM_DATA_FILE, or run `dvc repro download`")
+
+
+def main(
+    quick: bool = typer.Option(False, help="Fewer steps and tokens: about a minute."),
+    data: Path = typer.Option(None, help="The tinyshakespeare input.txt."),
+    out: Path = typer.Option(ROOT / "benchmarks" / "results.json", help="Where the JSON goes."),
+) -> None:
+    """Measure training, sampling, encoding and pipeline overhead; print a table with the targets."""
+    import torch
+
+    from charlm import io
+
+    corpus = find_data(data)
+    steps, lecture_steps, tokens = (20, 2, 150) if quick else (100, 6, 500)
+    results: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "torch": torch.__version__,
+        "quick": quick,
+    }
+    print(
+        f"charlm benchmark on {results['machine']}, torch {results['torch']}{' (quick)' if quick else ''}", flush=True
+    )
+    results["encode"] = run_worker("encode", data=corpus)
+    results["data_stages_seconds"] = time_data_stages(corpus)
+    results["bigram"] = run_worker("train", data=corpus, model="bigram", overrides={}, steps=0, target=None)
+    results["bigram"].pop("curve")
+    # bigram trains with its real params (max_iters from params.yaml) so its loss is the pipeline's
+    results["gpt_default"] = run_worker("train", data=corpus, model="gpt", overrides={}, steps=steps, target=None)
+    results["gpt_lecture"] = run_worker(
+        "train", data=corpus, model="gpt", overrides=LECTURE_GPT, steps=lecture_steps, target=None
+    )
+    if not quick:
+        ttt = run_worker(
+            "train",
+            data=corpus,
+            model="gpt",
+            overrides={"eval_interval": 50, "eval_iters": 20, "max_iters": 1000},
+            steps=0,
+            target=NANOGPT_CPU_VAL,
+        )
+        results["time_to_1886"] = {k: ttt[k] for k in ("time_to_target", "step_to_target")}
+    results["sampling"] = run_worker("sample", tokens=tokens)
+    results["noop_repro_seconds"] = time_noop_repro()
+    for key in ("gpt_default", "gpt_lecture"):
+        results[key].pop("curve")
+    print_table(results)
+    io.write_json(out, results)
+    print(f"\nwrote {out}")
+
+
+def print_table(r: dict) -> None:
+    s = r["sampling"]
+    ttt = r.get("time_to_1886", {}).get("time_to_target")
+    rows = [
+        ("GPT default: training tokens/s", f"{r['gpt_default']['tokens_per_second']:,.0f}", ""),
+        ("GPT default: peak memory", f"{r['gpt_default']['peak_mb']:,.0f} MB", ""),
+        ("GPT lecture 6x384: training tokens/s", f"{r['gpt_lecture']['tokens_per_second']:,.0f}", ">= 2,400"),
+        ("GPT lecture 6x384: peak memory", f"{r['gpt_lecture']['peak_mb']:,.0f} MB", "<= 4,096 MB"),
+        (
+            "GPT: training time to val 1.886",
+            "skipped (--quick)"
+            if "time_to_1886" not in r
+            else ("not reached" if ttt is None else f"{ttt:.1f} s (step {r['time_to_1886']['step_to_target']})"),
+            "<= 45 s",
+        ),
+        ("bigram: val_loss - floor", f"{r['bigram']['val_loss'] - r['bigram']['val_loss_floor']:+.4f}", "<= +0.005"),
+        ("bigram: training seconds", f"{r['bigram']['train_seconds']:.2f} s", "<= 5 s"),
+        ("sampling, lecture loop (6x384, block 256)", f"{s['lecture_tokens_per_second']:,.0f} tok/s", "baseline"),
+        (
+            "sampling, KV cache",
+            f"{s['cached_tokens_per_second']:,.0f} tok/s "
+            f"({s['cached_tokens_per_second'] / s['lecture_tokens_per_second']:.1f}x)",
+            ">= 10x",
+        ),
+        ("encode: lecture list comprehension", f"{r['encode']['lecture_ms']:.1f} ms", "baseline"),
+        ("encode: vectorised uint8", f"{r['encode']['vectorised_ms']:.1f} ms", ""),
+    ]
+    rows += [(f"stage {k} wall time", f"{v:.2f} s", "<= 3 s") for k, v in r["data_stages_seconds"].items()]
+    noop = r["noop_repro_seconds"]
+    rows.append(
+        ("no-op dvc repro", "skipped (pipeline not up to date)" if noop is None else f"{noop:.2f} s", "<= 1.5 s")
+    )
+    width = max(len(a) for a, _, _ in rows)
+    print(f"\n| {'measure':<{width}} | {'result':>26} | target |")
+    print(f"|{'-' * (width + 2)}|{'-' * 28}|--------|")
+    for name, value, target in rows:
+        print(f"| {name:<{width}} | {value:>26} | {target} |")
+
+
+def worker(kind: str, kwargs: str) -> None:
+    """One measurement in this fresh process (`run_worker` starts it); prints its JSON last."""
+    args = json.loads(kwargs)
+    if "data" in args:
+        args["data"] = Path(args["data"])
+    result = {"train": worker_train, "sample": worker_sample, "encode": worker_encode}[kind](**args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        worker(*sys.argv[2:4])
+    else:
+        typer.run(main)
