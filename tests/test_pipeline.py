@@ -236,7 +236,13 @@ def test_killed_stage_under_dvc_leaves_nothing_and_the_next_repro_completes(proj
         while "gpt step 20:" not in seen and time.monotonic() < deadline:
             seen += proc.stdout.readline()
         children = psutil.Process(proc.pid).children(recursive=True)
-        stage = [p for p in children if "stages.train" in " ".join(p.cmdline())]
+        # DVC runs the cmd through a shell: signal the python process itself, not the shell.
+        stage = [
+            p
+            for p in children
+            if p.cmdline()[:3] == [sys.executable, "-m", "stages.train"]
+            or (p.name().startswith("python") and "stages.train" in p.cmdline())
+        ]
         assert stage, seen
         stage[0].send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
