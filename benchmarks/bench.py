@@ -56,8 +56,9 @@ def worker_train(data: Path, model: str, overrides: dict, steps: int, target: fl
 
     tok, train_data, val_data = _splits(data)
     section = dataclasses.replace(load_params(ROOT / "params.yaml").model(model), **overrides)
-    if target is None:  # throughput only: no evaluations in the way
-        section = dataclasses.replace(section, max_iters=steps, eval_interval=10**9, eval_iters=1)
+    if target is None and steps > 0:  # throughput only: no evaluations in the way
+        warmup = min(section.warmup_iters, steps - 1)
+        section = dataclasses.replace(section, max_iters=steps, warmup_iters=warmup, eval_interval=10**9, eval_iters=1)
     torch.manual_seed(1337)
     net = build_model(model, config_for(model, section, tok.vocab_size))
     hit: dict = {}

@@ -116,3 +116,9 @@ def test_bf16_fast_path_stays_close_to_float32_reference(splits):
     _, result = train_gpt(splits, precision="bfloat16", max_iters=30, eval_interval=30)
     assert result.precision == "bfloat16"
     assert result.curve[-1].train_loss < math.log(vocab_size) - 0.5
+
+
+def test_bf16_softmax_equals_float32_softmax_rounded():
+    """Why the explicit attention may take its softmax in bf16: on the CPU it is the same numbers."""
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 4
+    assert torch.equal(x.bfloat16().softmax(-1), x.bfloat16().float().softmax(-1).bfloat16())

@@ -35,17 +35,37 @@ class GPTConfig:
             raise ValueError(f"dropout = {self.dropout}: must be in [0, 1)")
 
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, nh, T, hs)
+class KVCache:
+    """Keys and values of every layer for the positions generated so far, preallocated to
+    `block_size` so each new token writes in place instead of concatenating."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k, v (B, nh, T, hs); return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
 def explicit_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """The lecture's attention: softmax(q k^T / sqrt(hs), causal) v, with the softmax in float32."""
+    """The lecture's attention: softmax(q k^T / sqrt(hs), causal) v, dropout on the weights.
+
+    The softmax runs in the input dtype: torch's CPU bf16 softmax accumulates in float32 and gives
+    exactly float32-softmax-then-cast (checked in tests), without materialising float32 copies of
+    the (B, nh, T, T) weights, which at the lecture's size was a third of the step time.
+    """
     T, hs = q.size(-2), q.size(-1)
     att = (q @ k.transpose(-2, -1)) * hs**-0.5  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = att.float().masked_fill(~causal, float("-inf")).softmax(dim=-1).to(v.dtype)
+    att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return att @ v  # (B, nh, T, hs)
@@ -74,20 +94,19 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(x)
         dropout_p = self.dropout if self.training else 0.0
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # Measured on a 2-core AVX512-BF16 CPU (torch 2.13): SDPA's bf16 CPU kernel takes ~3x longer
-            # forward+backward than these three ops at block 128 (benchmarks/README), so bf16 training
-            # on the CPU takes the explicit path. Same math; tests compare the two.
+            # Measured on a 2-core AVX512-BF16 CPU (torch 2.13), forward+backward of one layer: SDPA's
+            # bf16 CPU kernel 26 ms vs 10 ms for these ops at the default size (block 128, head 32),
+            # 700 vs 538 ms at the lecture's (block 256, head 64, dropout 0.2). Same math: tests
+            # compare the two.
             y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
         return self._merge(y)
 
-    def forward_cached(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """Attend from the new positions in `x` to the cached keys/values plus their own."""
         q, k, v = self._heads(x)
-        if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)  # (B, nh, T_past + T, hs)
-            v = torch.cat([cache[1], v], dim=2)
+        k, v = cache.append(layer, k, v)  # (B, nh, T_past + T, hs)
         T_new, T_all = q.size(2), k.size(2)
         if T_new == 1:
             y = F.scaled_dot_product_attention(q, k, v)  # one query sees everything before it
@@ -95,7 +114,7 @@ class CausalSelfAttention(nn.Module):
             # New query i sits at absolute position T_all - T_new + i and may see keys up to there.
             mask = torch.ones(T_new, T_all, dtype=torch.bool, device=x.device).tril(T_all - T_new)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self._merge(y), (k, v)
+        return self._merge(y)
 
 
 class MLP(nn.Module):
@@ -121,10 +140,9 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
-    def forward_cached(self, x: torch.Tensor, cache):
-        a, cache = self.attn.forward_cached(self.ln1(x), cache)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), cache
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
@@ -180,15 +198,18 @@ class GPT(nn.Module):
         return logits, loss
 
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-        """Logits of the last position for new tokens `idx` that follow the cached ones."""
-        start = 0 if cache is None else cache[0][0].size(2)
-        x = self._embed(idx, start)
-        new_cache: KVCache = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block.forward_cached(x, None if cache is None else cache[i])
-            new_cache.append(layer_cache)
-        logits = self.lm_head(self.ln_f(x[:, -1:, :]))  # (B, 1, V)
-        return logits[:, -1, :], new_cache
+        """Last-position logits (B, V) for new tokens `idx` (B, T) that follow the cached ones.
+
+        `cache=None` starts a new cache (the prompt's "prefill"); it holds at most block_size tokens.
+        """
+        if cache is None:
+            cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+        x = self._embed(idx, cache.length)
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_cached(x, cache, layer)
+        cache.length += idx.size(1)
+        logits = self.lm_head(self.ln_f(x[:, -1, :]))  # (B, V)
+        return logits, cache
 
 
 CONFIG = GPTConfig
