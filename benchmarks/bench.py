@@ -34,9 +34,9 @@ def _peak_mb() -> float:
 
 def _splits(data: Path):
     from charlm.batches import load_tokens
-    from charlm.corpus import decode_corpus, encode_text, split_tokens
+    from charlm.corpus import encode_text, split_tokens
 
-    tok, encoded = encode_text(decode_corpus(data.read_bytes(), str(data)))
+    tok, encoded = encode_text(data.read_text(encoding="utf-8"))
     train, val = split_tokens(encoded, tok.itemsize, 0.1)
     tmp = Path(tempfile.mkdtemp())
     (tmp / "train.bin").write_bytes(train)

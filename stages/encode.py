@@ -1,11 +1,14 @@
-"""Stage `encode`: build the character vocabulary and encode the corpus into a raw token tensor."""
+"""Stage `encode`: build the character vocabulary and encode the corpus into a raw token tensor.
+
+Two streamed passes (vocabulary, then ids), so memory does not grow with the corpus.
+"""
 
 from pathlib import Path
 
 import typer
 
 from charlm import io
-from charlm.corpus import decode_corpus, encode_text
+from charlm.corpus import encode_file, fit_vocabulary
 from charlm.errors import reported_errors
 
 
@@ -15,11 +18,11 @@ def main(
     tokens: Path = typer.Option(..., help="Output: every character's id, as raw little-endian integers."),
 ) -> None:
     with reported_errors("encode"):
-        corpus = decode_corpus(text.read_bytes(), str(text))
-        tokenizer, encoded = encode_text(corpus)
-        io.write_bytes(tokens, encoded)
+        tokenizer = fit_vocabulary(text)
+        with io.atomic_open(tokens, "wb") as out:
+            count = encode_file(text, tokenizer, out)
         tokenizer.save(vocab)
-        print(f"encode: {len(corpus):,} characters, vocab_size {tokenizer.vocab_size}, dtype {tokenizer.dtype}")
+        print(f"encode: {count:,} characters, vocab_size {tokenizer.vocab_size}, dtype {tokenizer.dtype}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ from pathlib import Path
 import typer
 
 from charlm import io
-from charlm.corpus import split_tokens
-from charlm.errors import reported_errors
+from charlm.corpus import copy_bytes, split_counts
+from charlm.errors import DataError, reported_errors
 from charlm.params import load_params
 from charlm.tokenizer import CharTokenizer
 
@@ -21,10 +21,16 @@ def main(
     with reported_errors("split"):
         val_fraction = load_params(params).split.val_fraction
         itemsize = CharTokenizer.load(vocab).itemsize
-        train_tokens, val_tokens = split_tokens(tokens.read_bytes(), itemsize, val_fraction)
-        io.write_bytes(train, train_tokens)
-        io.write_bytes(val, val_tokens)
-        print(f"split: {len(train_tokens) // itemsize:,} train, {len(val_tokens) // itemsize:,} val tokens")
+        size = tokens.stat().st_size
+        if size % itemsize:
+            raise DataError(f"{tokens}: {size} bytes is not a whole number of {itemsize}-byte tokens; re-run encode")
+        n_train, n_val = split_counts(size // itemsize, val_fraction)
+        with open(tokens, "rb") as src:
+            with io.atomic_open(train, "wb") as out:
+                copy_bytes(src, out, n_train * itemsize)
+            with io.atomic_open(val, "wb") as out:
+                copy_bytes(src, out, n_val * itemsize)
+        print(f"split: {n_train:,} train, {n_val:,} val tokens")
 
 
 if __name__ == "__main__":
