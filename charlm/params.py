@@ -207,7 +207,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
+        # repr() for keys YAML made odd (numbers, newlines): the message stays one readable line
+        shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
+        dotted = f"{prefix}.{shown}" if prefix else shown
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
