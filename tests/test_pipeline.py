@@ -256,3 +256,53 @@ def test_killed_stage_under_dvc_leaves_nothing_and_the_next_repro_completes(proj
     dvc("repro", project, env)
     assert dvc("status", project, env).stdout.strip().endswith("Data and pipelines are up to date.")
     assert (project / "models" / "gpt.pt").is_file()
+
+
+def test_queued_sweep_runs_two_experiments_in_parallel(project, env):
+    """`dvc exp run --queue` a grid, `dvc queue start -j 2`; both finish with distinct results."""
+    import time
+
+    dvc("exp run --queue -S gpt.n_embd=16,32 -S threads=1", project, env)
+    dvc("queue start -j 2", project, env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = dvc("queue status", project, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    dvc("queue stop", project, env, check=False)
+    assert status.count("Success") >= 2, status
+    rows = json.loads(dvc("exp show --json", project, env).stdout)
+    results = {}
+    for row in rows:
+        for exp in row.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("metrics/gpt.json", {}).get("data", {})
+                if params.get("threads") == 1 and "val_loss" in metrics:
+                    results[params["gpt"]["n_embd"]] = metrics
+    assert set(results) == {16, 32}, results
+    assert results[16]["params"] < results[32]["params"]
+    assert results[16]["val_loss"] != results[32]["val_loss"]
+
+
+def test_share_through_a_dvc_remote(project, env, tmp_path):
+    """Push to a local-directory remote; a fresh clone pulls, has nothing to re-run and can sample;
+    an experiment made in the clone travels back with `dvc exp push`."""
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    dvc(f"remote add -d shared {remote}", project, env)
+    run(["git", "commit", "-qam", "add a DVC remote"], project, env)
+    dvc("push", project, env)
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path, env)
+    dvc("pull", clone, env)
+    assert ran_stages(dvc("repro", clone, env).stdout) == set()
+    sample = run(
+        [sys.executable, "-m", "charlm.cli", "sample", "models/gpt.pt", "-n", "20", "--temperature", "0"],
+        clone,
+        env | {"PYTHONPATH": str(clone)},
+    )
+    assert len(sample.stdout) == 1 + 20 + 1  # prompt "\n", 20 characters, final newline
+    dvc("exp run -S sample.temperature=0.5 -n from-clone", clone, env)
+    dvc("exp push origin from-clone", clone, env)
+    assert "from-clone" in dvc("exp list", project, env).stdout
