@@ -67,7 +67,8 @@ class SplitParams:
 class TrainConfig:
     """How one model is trained: the keys shared by the `bigram` and `gpt` sections."""
 
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch of one optimizer step, whatever the process count
+    micro_batch_size: int = 0  # rows per forward/backward; 0 = the whole per-process batch at once
     block_size: int = 8
     max_iters: int = 3000
     learning_rate: float = 1e-2
@@ -93,6 +94,12 @@ class TrainConfig:
             f"must be in [0, max_iters={self.max_iters})",
         )
         _check(0.0 <= self.weight_decay < 1.0, f"{section}.weight_decay", self.weight_decay, "must be in [0, 1)")
+        _check(
+            self.micro_batch_size >= 0 and (self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0),
+            f"{section}.micro_batch_size",
+            self.micro_batch_size,
+            f"must be 0 or divide batch_size ({self.batch_size})",
+        )
         _check(self.grad_clip >= 0.0, f"{section}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(self.precision in PRECISIONS, f"{section}.precision", self.precision, f"must be one of {PRECISIONS}")
 
@@ -156,6 +163,7 @@ class Params:
     seed: int = 1337
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    nproc: int = 1  # data-parallel training processes on this machine (torchrun + DDP when > 1)
     data: DataParams = field(default_factory=DataParams)
     split: SplitParams = field(default_factory=SplitParams)
     bigram: BigramParams = field(default_factory=BigramParams)
@@ -166,6 +174,7 @@ class Params:
         _check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer in [0, 2**63)")
         _check(bool(_DEVICE_RE.match(self.device)), "device", self.device, "must be cpu, cuda, cuda:N, mps or auto")
         _check(0 <= self.threads <= 1024, "threads", self.threads, "must be in [0, 1024] (0 = torch's default)")
+        _check(1 <= self.nproc <= 256, "nproc", self.nproc, "must be in [1, 256] (1 = plain single process)")
 
     def model(self, name: str) -> BigramParams | GPTParams:
         if name not in MODEL_NAMES:

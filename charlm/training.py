@@ -17,7 +17,8 @@ from torch import nn
 
 from charlm.batches import get_batch, sequential_windows
 from charlm.device import autocast_dtype, synchronize
-from charlm.params import TrainConfig
+from charlm.distributed import Distributed
+from charlm.params import ParamsError, TrainConfig
 
 EVAL_BATCH_SIZE = 64
 
@@ -35,6 +36,25 @@ class TrainResult:
     train_seconds: float  # optimisation only, evaluations excluded
     tokens_per_second: float
     precision: str
+
+
+def micro_batches(cfg: TrainConfig, world_size: int, section: str = "gpt") -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per step) on each process.
+
+    `batch_size` is the global batch of one optimizer step: it is split over the processes and, with
+    `micro_batch_size`, accumulated over several forward/backward passes, so the optimisation is
+    the same whatever the process count.
+    """
+    if cfg.batch_size % world_size:
+        raise ParamsError(f"{section}.batch_size = {cfg.batch_size}: must be divisible by nproc ({world_size})")
+    per_process = cfg.batch_size // world_size
+    micro = cfg.micro_batch_size or per_process
+    if micro > per_process or per_process % micro:
+        raise ParamsError(
+            f"{section}.micro_batch_size = {cfg.micro_batch_size}: must divide the per-process batch "
+            f"({cfg.batch_size} / nproc {world_size} = {per_process})"
+        )
+    return micro, per_process // micro
 
 
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
@@ -117,16 +137,28 @@ def train(
     cfg: TrainConfig,
     device: str,
     seed: int,
-    on_progress: Callable[[int, int, float | None, float], None] | None = None,
+    on_progress: Callable[[int, int, torch.Tensor | None, float], None] | None = None,
     on_eval: Callable[[CurvePoint], None] | None = None,
+    dist: Distributed = Distributed(),
+    section: str = "gpt",
 ) -> TrainResult:
-    """Train in place. `on_progress(step, max_iters, loss_or_None, tokens_per_s)` is called every step
-    with the loss only when the caller asked to log (it must not force a host sync otherwise)."""
+    """Train in place. `on_progress(step, max_iters, loss, tokens_per_s)` gets the loss as a device
+    tensor: reading it is a host sync, so callers read it only when they print.
+
+    Under torchrun (`dist.world_size` > 1) the model is wrapped in DDP; every process draws its own
+    batches; only the main process evaluates, so only it has a curve.
+    """
     amp = autocast_dtype(device, cfg.precision)
+    micro, accum_steps = micro_batches(cfg, dist.world_size, section)
     model.to(device)
     model.train()
+    net = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     optimizer = make_optimizer(model, cfg, device)
-    batch_gen = torch.Generator().manual_seed(seed)
+    batch_gen = torch.Generator().manual_seed(seed + 7919 * dist.rank)  # each process its own batches
     eval_gen_seed = seed + 1  # fixed eval batches: every point of the curve is measured on the same text
     splits = {"train": train_data, "val": val_data}
     curve: list[CurvePoint] = []
@@ -152,18 +184,22 @@ def train(
     synchronize(device)
     started = time.perf_counter()
     for step in range(cfg.max_iters):
-        if step % cfg.eval_interval == 0:
+        if step % cfg.eval_interval == 0 and dist.is_main:
             synchronize(device)
             train_seconds += time.perf_counter() - started
             evaluate(step)
             started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, cfg)
-        x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, batch_gen, device)
-        with autocast_context(device, amp):
-            _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for micro_step in range(accum_steps):
+            x, y = get_batch(train_data, micro, cfg.block_size, batch_gen, device)
+            # DDP all-reduces gradients on every backward; between micro-batches that is wasted work.
+            last = micro_step == accum_steps - 1
+            with net.no_sync() if net is not model and not last else contextlib.nullcontext():
+                with autocast_context(device, amp):
+                    _, loss = net(x, y)
+                (loss / accum_steps if accum_steps > 1 else loss).backward()
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -172,7 +208,8 @@ def train(
             on_progress(step + 1, cfg.max_iters, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9))
     synchronize(device)
     train_seconds += time.perf_counter() - started
-    evaluate(cfg.max_iters)
+    if dist.is_main:
+        evaluate(cfg.max_iters)
     return TrainResult(
         curve=curve,
         train_seconds=train_seconds,

@@ -1,9 +1,15 @@
-"""Stage `train@<model>`: train the bigram or the GPT on the train split, with the loss curve."""
+"""Stage `train@<model>`: train the bigram or the GPT on the train split, with the loss curve.
 
+With `nproc` > 1 the stage re-launches itself under torchrun (DDP); only rank 0 writes outputs.
+"""
+
+import sys
 from pathlib import Path
 
+import torch
 import typer
 
+from charlm import distributed
 from charlm.batches import load_tokens
 from charlm.checkpoint import make_checkpoint, save_checkpoint
 from charlm.curves import write_curve
@@ -13,7 +19,7 @@ from charlm.models import build_model, config_for, count_params
 from charlm.params import ParamsError, load_params
 from charlm.progress import Progress
 from charlm.tokenizer import CharTokenizer
-from charlm.training import train
+from charlm.training import micro_batches, train
 
 
 def main(
@@ -29,6 +35,12 @@ def main(
         p = load_params(params)
         cfg = p.model(model)
         device = resolve_device(p.device)
+        if p.nproc > 1 and not distributed.under_torchrun():
+            micro_batches(cfg, p.nproc, model)  # a bad split of the batch fails here, before any launch
+            distributed.relaunch_under_torchrun(p.nproc, "stages.train", sys.argv[1:])
+            return
+        dist = distributed.Distributed.from_env()
+        device = distributed.worker_device(device, dist)
         configure_threads(p.threads)
         tokenizer = CharTokenizer.load(vocab)
         splits = {"train": load_tokens(train_tokens, tokenizer.dtype), "val": load_tokens(val_tokens, tokenizer.dtype)}
@@ -39,14 +51,29 @@ def main(
                 )
         seed_everything(p.seed)
         net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
-        print(f"train@{model}: {count_params(net):,} parameters on {device}, {cfg.max_iters} steps", flush=True)
-        progress = Progress(model)
-        result = train(net, splits["train"], splits["val"], cfg, device, p.seed, progress.on_progress, progress.on_eval)
+        if dist.rank:
+            torch.manual_seed(p.seed + 7919 * dist.rank)  # its own dropout masks; DDP copies rank 0's weights
+        if dist.world_size > 1:
+            distributed.init_process_group(device)
+        try:
+            if dist.is_main:
+                where = f"{dist.world_size} processes" if dist.world_size > 1 else device
+                print(f"train@{model}: {count_params(net):,} parameters on {where}, {cfg.max_iters} steps", flush=True)
+            progress = Progress(model)
+            on_progress = progress.on_progress if dist.is_main else None
+            result = train(
+                net, splits["train"], splits["val"], cfg, device, p.seed, on_progress, progress.on_eval, dist, model
+            )
+        finally:
+            distributed.destroy_process_group()
+        if not dist.is_main:
+            return  # one writer: rank 0
         stats = {
             "train_seconds": round(result.train_seconds, 3),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "precision": result.precision,
             "device": device,
+            "nproc": dist.world_size,
             "steps": cfg.max_iters,
         }
         save_checkpoint(checkpoint, make_checkpoint(model, net, tokenizer, stats))

@@ -75,3 +75,27 @@ def test_bigram_floor_is_the_count_optimum():
     # counts+1 from 0: to 0 ->1, to 1 ->3, to 2 ->2 (sum 6); from 1: to 0 ->3, others 1 (sum 5)
     expected = -(math.log(3 / 6) + math.log(3 / 5)) / 2
     assert bigram_loss_floor(train, val, 3) == pytest.approx(expected)
+
+
+def test_cpu_dropout_drops_about_p_and_keeps_the_expectation():
+    from charlm.models.gpt import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = dropout(x, 0.2)
+    kept = (y != 0).float().mean().item()
+    assert kept == pytest.approx(1 - 51 / 256, abs=0.005)  # p rounded to 51/256
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # survivors rescaled
+    assert torch.equal(dropout(x, 0.2, training=False), x) and torch.equal(dropout(x, 0.0), x)
+    x.requires_grad_()
+    y = dropout(x, 0.5)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() * 2.0)  # gradient flows through the kept ones only
+
+
+def test_eval_mode_has_no_dropout():
+    model = tiny_gpt(dropout=0.5)
+    idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])

@@ -1,0 +1,73 @@
+"""Data-parallel training with PyTorch's own engine: torchrun launches the processes, DDP averages
+the gradients (`nccl` on CUDA, `gloo` on the CPU). One process stays plain `python`.
+
+The train stage re-launches itself under torchrun when `nproc` > 1 and it is not already a
+torchrun worker; for several machines, start the stage under torchrun yourself (README "Scale").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from charlm.errors import CharlmError, UsageError
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel run; the default is a single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Distributed:
+        env = os.environ if env is None else env
+        if "WORLD_SIZE" not in env:
+            return cls()
+        return cls(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
+
+
+def under_torchrun(env: dict[str, str] | None = None) -> bool:
+    return "WORLD_SIZE" in (os.environ if env is None else env)
+
+
+def relaunch_under_torchrun(nproc: int, module: str, argv: list[str]) -> None:
+    """Run `python -m module argv` in `nproc` local processes via torchrun; raise if any fails."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "--module", module, *argv])
+    except ChildFailedError as e:
+        raise CharlmError(f"a training process failed under torchrun ({len(e.failures)} of {nproc})") from None
+
+
+def worker_device(device: str, dist: Distributed) -> str:
+    """Each worker's device: its own GPU on CUDA; DDP has no backend for mps."""
+    if dist.world_size == 1:
+        return device
+    if device.startswith("cuda"):
+        return f"cuda:{dist.local_rank}"
+    if device == "mps":
+        raise UsageError("nproc > 1 with device = 'mps': DDP has no mps backend; use nproc: 1 on a Mac")
+    return device
+
+
+def init_process_group(device: str) -> None:
+    import torch.distributed as torch_dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    torch_dist.init_process_group(backend=backend)
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
