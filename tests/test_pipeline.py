@@ -33,6 +33,7 @@ ALL_STAGES = {
     "sample@gpt",
     "plot",
 }
+README_EXP_SHOW_DROP = "charlm/|stages/|data/|models/|metrics/curves/"
 TINY = {
     "bigram": {"batch_size": 16, "block_size": 8, "max_iters": 40, "eval_interval": 20, "eval_iters": 2},
     "gpt": {
@@ -201,6 +202,12 @@ def test_experiment_and_metrics_diff(project, env):
     assert "val_loss" in changed["metrics/gpt.json"]
     assert "metrics/bigram.json" not in changed  # the bigram stages stayed cached
     shown = dvc("exp show --no-pager --csv", project, env).stdout
+    # The README's readable view: params and metrics that differ, no dependency-hash columns.
+    readable = dvc(f"exp show --no-pager --csv --only-changed --drop {README_EXP_SHOW_DROP}", project, env).stdout
+    header = readable.splitlines()[0].split(",")
+    assert "gpt.max_iters" in header and any(h.endswith("val_loss") for h in header)
+    assert not [h for h in header if h.startswith(("charlm/", "stages/", "data/", "models/"))], header
+    assert "bigram.max_iters" not in header  # unchanged across the experiments: left out
     assert "longer" in shown and "val_loss" in shown
     run(["git", "checkout", "--", "."], project, env)
     dvc("checkout", project, env)
