@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -156,9 +155,3 @@ def download(
         except DownloadError as e:
             raise DownloadError(f"download of {source} failed: {e}{offline_hint}") from None
     raise DownloadError(f"download of {source} failed after {cfg.retries} tries: {last_error}{offline_hint}")
-
-
-def copy_file(src: str | Path, dst: str | Path) -> None:
-    """Copy atomically (used by tests and tools that stage a local corpus)."""
-    with open(src, "rb") as s, io.atomic_open(dst, "wb") as d:
-        shutil.copyfileobj(s, d)
