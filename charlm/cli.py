@@ -36,6 +36,9 @@ def sample(
     top_k: int = typer.Option(0, help="Sample only among the k likeliest characters; 0 means all."),
     seed: int = typer.Option(1337, help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
+    precision: str = typer.Option(
+        "float32", help="float32, or int8: int8 weights, ~3x faster on the CPU (see README Performance)."
+    ),
     drop_unknown: bool = typer.Option(
         False, "--drop-unknown", help="Remove prompt characters the model has never seen instead of failing."
     ),
@@ -49,17 +52,25 @@ def sample(
         from charlm.params import SampleParams
         from charlm.sampling import generate, prompt_ids
 
-        SampleParams(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        SampleParams(
+            prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, precision=precision
+        )
         ckpt = load_checkpoint(checkpoint)
         tok = ckpt.tokenizer
         if top_k > tok.vocab_size:
             raise UsageError(f"--top-k {top_k}: must be <= the vocabulary size ({tok.vocab_size}), or 0")
         resolved = resolve_device(device)
+        if precision == "int8" and resolved != "cpu":
+            raise UsageError("--precision int8 runs on the CPU only; use --device cpu or --precision float32")
         ids, dropped = prompt_ids(tok, prompt, drop_unknown=drop_unknown)
         if dropped:
             print(f"warning: dropped characters not in the vocabulary: {' '.join(map(repr, dropped))}", file=sys.stderr)
         torch.manual_seed(seed)
         model = ckpt.build().to(resolved)
+        if precision == "int8":
+            from charlm.quantize import quantize_int8
+
+            model = quantize_int8(model)
         sys.stdout.write(prompt if not dropped else tok.decode(ids))
 
         def show(next_id: torch.Tensor) -> None:

@@ -23,6 +23,8 @@ DEFAULT_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/t
 DEFAULT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 MODEL_NAMES = ("bigram", "gpt")
 PRECISIONS = ("float32", "bfloat16", "auto")
+OPTIMIZERS = ("adamw", "muon")
+SAMPLE_PRECISIONS = ("float32", "int8")
 _DEVICE_RE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -79,6 +81,7 @@ class TrainConfig:
     eval_interval: int = 300
     eval_iters: int = 200
     precision: str = "float32"  # bfloat16 autocast where the device supports it; "auto" picks it there
+    optimizer: str = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest (charlm.training)
 
     def check(self, section: str) -> None:
         positive_ints = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters")
@@ -102,12 +105,19 @@ class TrainConfig:
         )
         _check(self.grad_clip >= 0.0, f"{section}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(self.precision in PRECISIONS, f"{section}.precision", self.precision, f"must be one of {PRECISIONS}")
+        _check(self.optimizer in OPTIMIZERS, f"{section}.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
 
 
 @dataclass(frozen=True)
 class BigramParams(TrainConfig):
     def __post_init__(self) -> None:
         self.check("bigram")
+        _check(
+            self.optimizer == "adamw",
+            "bigram.optimizer",
+            self.optimizer,
+            "must be adamw: the bigram is one lookup table, with no hidden matrices for Muon",
+        )
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,15 @@ class SampleParams:
     max_new_tokens: int = 500
     temperature: float = 1.0
     top_k: int = 0  # 0 means no top-k filtering
+    precision: str = "float32"  # "int8": int8 weights for the GPT's linear layers, CPU only (charlm.quantize)
 
     def __post_init__(self) -> None:
+        _check(
+            self.precision in SAMPLE_PRECISIONS,
+            "sample.precision",
+            self.precision,
+            f"must be one of {SAMPLE_PRECISIONS}",
+        )
         _check(
             0 < self.max_new_tokens <= 1_000_000,
             "sample.max_new_tokens",
@@ -156,6 +173,14 @@ class SampleParams:
             "must be in [0, 100] (0 means greedy argmax)",
         )
         _check(self.top_k >= 0, "sample.top_k", self.top_k, "must be >= 0 (0 means no top-k filtering)")
+
+    def check_device(self, device: str) -> None:
+        _check(
+            self.precision != "int8" or device == "cpu",
+            "sample.precision",
+            self.precision,
+            f"runs on the CPU only, and device is {device}; set sample.precision: float32",
+        )
 
 
 @dataclass(frozen=True)

@@ -67,15 +67,65 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.learning_rate - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
-    # Weight decay on matrices only (nanoGPT): decaying biases, LayerNorm gains and embeddings' rows
-    # of a 65-character vocabulary hurts more than it regularises.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices of the linear layers inside the model's blocks: what Muon updates.
+
+    The embeddings and the output head stay with AdamW, as in Muon's own recipe: an embedding
+    row is only touched by its own character, and the head's update should not be orthogonalised
+    across the vocabulary.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return []
+    return [m.weight for m in blocks.modules() if isinstance(m, nn.Linear)]
+
+
+class MuonAdamW:
+    """Muon for the hidden matrices plus AdamW for everything else, stepped as one optimizer.
+
+    `param_groups` lists both optimizers' groups, so the training loop's schedule sets every
+    group's lr. Muon's lr is rescaled per matrix to AdamW's update size (`match_rms_adamw`), so
+    one `learning_rate` serves both.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.optimizers = (muon, adamw)
+        self.param_groups = muon.param_groups + adamw.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW, or with `optimizer: muon` Muon for the blocks' matrices and AdamW for the rest.
+
+    Measured on the default GPT (README "Performance"): Muon reaches in 1000 steps the validation
+    loss AdamW reaches in 3000, for ~9% more time per step (its Newton-Schulz iterations).
+    """
+    muon_params = hidden_matrices(model) if cfg.optimizer == "muon" else []
+    if cfg.optimizer == "muon" and not muon_params:
+        raise ParamsError(f"optimizer = 'muon': {type(model).__name__} has no hidden matrices; use adamw")
+    taken = {id(p) for p in muon_params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    # Weight decay on matrices (embeddings included) only, as nanoGPT: decaying biases and LayerNorm
+    # gains pulls them towards 0 rather than towards "no effect".
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel is one launch per step instead of one per tensor; it exists on CPU and CUDA.
     fused = device == "cpu" or device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
+    if not muon_params:
+        return adamw
+    muon = torch.optim.Muon(
+        muon_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+    )
+    return MuonAdamW(muon, adamw)
 
 
 def autocast_context(device: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -10,6 +10,7 @@ from charlm.checkpoint import load_checkpoint
 from charlm.device import configure_threads, resolve_device, seed_everything
 from charlm.errors import reported_errors
 from charlm.params import ParamsError, load_params
+from charlm.quantize import quantize_int8
 from charlm.sampling import generate, prompt_ids
 from charlm.tokenizer import CharTokenizer
 
@@ -31,10 +32,13 @@ def main(
             raise ParamsError(
                 f"sample.top_k = {s.top_k}: must be <= the vocabulary size ({tokenizer.vocab_size}), or 0"
             )
+        s.check_device(device)
         ids, _ = prompt_ids(tokenizer, s.prompt)
         ckpt = load_checkpoint(checkpoint, expected_model=model, tokenizer=tokenizer)
         seed_everything(p.seed)
         net = ckpt.build().to(device)
+        if s.precision == "int8":
+            net = quantize_int8(net)
         idx = torch.tensor([ids], dtype=torch.long)
         out_ids = generate(net, idx, s.max_new_tokens, s.temperature, s.top_k, torch.Generator().manual_seed(p.seed))
         io.write_text(out, tokenizer.decode(out_ids[0].tolist()))

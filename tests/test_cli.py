@@ -85,3 +85,11 @@ def test_help_has_examples():
     for command in ("sample", "info"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Example" in result.stdout
+
+
+def test_int8_precision_samples_and_is_cpu_only(ckpt):
+    result = runner.invoke(app, ["sample", str(ckpt), "--prompt", "abc", "-n", "20", "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.removesuffix("\n")) == 23
+    bad = runner.invoke(app, ["sample", str(ckpt), "--precision", "fp16"])
+    assert bad.exit_code == 2 and "sample.precision = 'fp16'" in bad.stderr

@@ -48,6 +48,8 @@ BAD = [
     ({"gpt": {"block_size": 0}}, "gpt.block_size = 0"),
     ({"gpt": {"bach_size": 4}}, "did you mean gpt.batch_size?"),
     ({"gpt": {"precision": "fp8"}}, "gpt.precision = 'fp8'"),
+    ({"gpt": {"optimizer": "sgd"}}, "gpt.optimizer = 'sgd': must be one of ('adamw', 'muon')"),
+    ({"bigram": {"optimizer": "muon"}}, "bigram.optimizer = 'muon': must be adamw"),
     ({"gpt": {"warmup_iters": 5000, "max_iters": 100}}, "gpt.warmup_iters = 5000"),
     ({"gpt": {"min_lr_ratio": 2}}, "gpt.min_lr_ratio = 2.0"),
     ({"gpt": {"weight_decay": -1}}, "gpt.weight_decay = -1.0"),
@@ -56,6 +58,7 @@ BAD = [
     ({"sample": {"temperature": -0.5}}, "sample.temperature = -0.5"),
     ({"sample": {"max_new_tokens": 0}}, "sample.max_new_tokens = 0"),
     ({"sample": {"top_k": -1}}, "sample.top_k = -1"),
+    ({"sample": {"precision": "int4"}}, "sample.precision = 'int4': must be one of ('float32', 'int8')"),
     ({"sample": {"prompt": 42}}, "sample.prompt = 42"),
     ({"devcie": "cpu"}, "did you mean device?"),
     ({"sampel": {}}, "did you mean sample?"),
@@ -128,6 +131,7 @@ section_keys = st.sampled_from(
         "prompt",
         "max_new_tokens",
         "precision",
+        "optimizer",
         "bias",
     ]
 )
@@ -143,3 +147,12 @@ def test_no_input_crashes_the_loader(raw):
         assert isinstance(parse_params(raw), Params)
     except ParamsError as e:
         assert "\n" not in str(e)
+
+
+def test_int8_sampling_is_refused_off_the_cpu():
+    from charlm.params import SampleParams
+
+    SampleParams(precision="int8").check_device("cpu")
+    SampleParams(precision="float32").check_device("cuda")
+    with pytest.raises(ParamsError, match="sample.precision = 'int8': runs on the CPU only, and device is cuda"):
+        SampleParams(precision="int8").check_device("cuda")

@@ -112,7 +112,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(prepared, tmp_path, 
     assert leftovers(prepared) == []
 
 
-def test_sample_rejects_unknown_prompt_characters_and_big_top_k(prepared, tmp_path):
+def test_sample_rejects_bad_prompt_and_top_k_and_samples_in_int8(prepared, tmp_path):
     write_params(tmp_path / "p.yaml", gpt=TINY_GPT | {"max_iters": 5})
     assert stage("train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml"), cwd=prepared).returncode == 0
     args = ["gpt", "--checkpoint", "models/gpt.pt", "--vocab", "data/vocab.json", "--out", str(tmp_path / "s.txt")]
@@ -123,6 +123,10 @@ def test_sample_rejects_unknown_prompt_characters_and_big_top_k(prepared, tmp_pa
     proc = stage("sample", *args, "--params", str(tmp_path / "q.yaml"), cwd=prepared)
     assert proc.returncode == 2 and "sample.top_k = 500: must be <= the vocabulary size" in proc.stderr
     assert not (tmp_path / "s.txt").exists()
+    write_params(tmp_path / "q.yaml", sample={"precision": "int8", "max_new_tokens": 30})
+    proc = stage("sample", *args, "--params", str(tmp_path / "q.yaml"), cwd=prepared)
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "s.txt").read_text(encoding="utf-8")) == 31  # the "\n" prompt + 30
     for path in leftovers(prepared):
         path.unlink()
 

@@ -11,7 +11,7 @@ from charlm.models.bigram import bigram_loss_floor
 from charlm.models.gpt import explicit_causal_attention
 from charlm.params import BigramParams, GPTParams
 from charlm.tokenizer import CharTokenizer
-from charlm.training import learning_rate_at, split_loss, train
+from charlm.training import learning_rate_at, make_optimizer, split_loss, train
 from tests.conftest import make_corpus
 
 
@@ -122,3 +122,75 @@ def test_bf16_softmax_equals_float32_softmax_rounded():
     """Why the explicit attention may take its softmax in bf16: on the CPU it is the same numbers."""
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 4
     assert torch.equal(x.bfloat16().softmax(-1), x.bfloat16().float().softmax(-1).bfloat16())
+
+
+def test_muon_updates_the_blocks_matrices_and_adamw_the_rest(splits):
+    """With `optimizer: muon` every hidden matrix goes to Muon, every other parameter to AdamW."""
+    vocab_size, _, _ = splits
+    cfg = GPTParams(optimizer="muon", n_layer=2, n_embd=16, n_head=2, block_size=16)
+    model = build_model("gpt", config_for("gpt", cfg, vocab_size))
+    optimizer = make_optimizer(model, cfg, "cpu")
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expected = {id(p) for n, p in named.items() if n.startswith("blocks.") and n.endswith("weight") and p.dim() == 2}
+    assert in_muon == expected and len(expected) == 2 * 4  # qkv, attn proj, fc, mlp proj per block
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == {id(p) for p in named.values()}
+    assert id(model.token_embedding_table.weight) in in_adamw and id(model.lm_head.weight) in in_adamw
+    assert len(optimizer.param_groups) == len(muon.param_groups) + len(adamw.param_groups)
+
+
+def test_muon_training_is_deterministic_and_learns(splits):
+    vocab_size, _, _ = splits
+    a, ra = train_gpt(splits, seed=5, optimizer="muon", max_iters=30, eval_interval=30)
+    b, rb = train_gpt(splits, seed=5, optimizer="muon", max_iters=30, eval_interval=30)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(ta, tb), name
+    assert ra.curve == rb.curve
+    assert ra.curve[-1].train_loss < math.log(vocab_size) - 0.5
+
+
+def test_muon_schedule_reaches_both_optimizers(splits):
+    """The loop's lr schedule writes every group: Muon's lr is not stuck at its initial value."""
+    vocab_size, tr, va = splits
+    cfg = GPTParams(
+        optimizer="muon",
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        block_size=16,
+        batch_size=4,
+        max_iters=4,
+        warmup_iters=0,
+        min_lr_ratio=0.0,
+        learning_rate=1e-3,
+        eval_interval=100,
+        eval_iters=1,
+        precision="float32",
+    )
+    seen = []
+    real_step = torch.optim.Muon.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    model = build_model("gpt", config_for("gpt", cfg, vocab_size))
+    torch.optim.Muon.step = spy
+    try:
+        train(model, tr, va, cfg, "cpu", 0)
+    finally:
+        torch.optim.Muon.step = real_step
+    assert seen == pytest.approx([learning_rate_at(s, cfg) for s in range(4)])
+    assert seen[0] > seen[-1]
+
+
+def test_bigram_has_no_matrices_for_muon():
+    from charlm.params import ParamsError
+    from charlm.training import TrainConfig
+
+    model = build_model("bigram", {"vocab_size": 5})
+    with pytest.raises(ParamsError, match="no hidden matrices"):
+        make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
