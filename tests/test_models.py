@@ -93,6 +93,35 @@ def test_cpu_dropout_drops_about_p_and_keeps_the_expectation():
     assert torch.equal(x.grad, (y != 0).float() * 2.0)  # gradient flows through the kept ones only
 
 
+def test_random_bytes_are_uniform_in_every_position_of_the_word():
+    """The bytes come 8 to an int64 word: each of the 8 positions must be uniform, not just the mean."""
+    from charlm.models.gpt import random_bytes
+
+    torch.manual_seed(0)
+    b = random_bytes((100_003,))  # not a multiple of 8: the tail is cut, not padded
+    assert b.shape == (100_003,) and b.dtype == torch.uint8
+    per_position = b[:100_000].view(-1, 8).float()
+    assert (per_position.mean(0) - 127.5).abs().max() < 2.0
+    assert ((per_position < 51).float().mean(0) - 51 / 256).abs().max() < 0.01
+    counts = torch.bincount(random_bytes((256 * 2000,)).long(), minlength=256).float()
+    assert counts.min() > 1700 and counts.max() < 2300  # every value, about equally often
+    assert random_bytes((4, 5, 6)).shape == (4, 5, 6)
+
+
+def test_attention_dropout_keeps_the_expectation():
+    """Dropout on the attention weights rescales after `att @ v`: with v = 1 each output is the
+    rescaled sum of the kept weights of a row, whose mean must stay 1."""
+    from charlm.models.gpt import explicit_causal_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(8, 2, 64, 16), torch.randn(8, 2, 64, 16)
+    v = torch.ones(8, 2, 64, 16)
+    assert torch.allclose(explicit_causal_attention(q, k, v), v, atol=1e-5)
+    y = explicit_causal_attention(q, k, v, dropout_p=0.2)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert y.std().item() > 0.05  # and it did drop something
+
+
 def test_eval_mode_has_no_dropout():
     model = tiny_gpt(dropout=0.5)
     idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(4))
