@@ -2,7 +2,8 @@
 
 Every stage calls `load_params`; a wrong value fails here, before any work, with one line that names
 the key, the value and what is allowed (`ParamsError`, which the stages turn into exit code 2).
-The defaults below mirror params.yaml.
+params.yaml holds the tuned values; a key it leaves out takes the dataclass default below (for
+the training sections, plain lecture-style settings such as `optimizer: adamw`, not the tuned ones).
 """
 
 from __future__ import annotations

@@ -36,10 +36,13 @@ def run_training(prepared, tmp_path, name: str, **top) -> None:  # noqa: F811
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_two_gloo_processes_match_one_process(prepared, tmp_path):  # noqa: F811
-    run_training(prepared, tmp_path, "single", nproc=1)
-    run_training(prepared, tmp_path, "ddp", nproc=2)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_gloo_processes_match_one_process(prepared, tmp_path, optimizer):  # noqa: F811
     out = prepared / "out"
+    for path in out.glob("*") if out.exists() else []:
+        path.unlink()
+    run_training(prepared, tmp_path, "single", nproc=1, gpt={"optimizer": optimizer})
+    run_training(prepared, tmp_path, "ddp", nproc=2, gpt={"optimizer": optimizer})
     assert sorted(p.name for p in out.iterdir()) == ["ddp.csv", "ddp.pt", "single.csv", "single.pt"]  # rank 0 only
     single, ddp = read_curve(out / "single.csv"), read_curve(out / "ddp.csv")
     assert [p.step for p in ddp] == [p.step for p in single] == [0, 10, 20, 30]
