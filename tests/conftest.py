@@ -26,3 +26,16 @@ def make_corpus(n_lines: int = 400, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def corpus() -> str:
     return make_corpus()
+
+
+def token_splits(n_lines: int = 600):
+    """(vocab_size, train, val): a corpus from `make_corpus`, encoded as uint8 tokens, split 90/10."""
+    import torch
+
+    from charlm.tokenizer import CharTokenizer
+
+    text = make_corpus(n_lines)
+    tok = CharTokenizer.fit(text)
+    data = torch.frombuffer(bytearray(tok.encode_bytes(text)), dtype=torch.uint8)
+    n = int(len(data) * 0.9)
+    return tok.vocab_size, data[:n], data[n:]

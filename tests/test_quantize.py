@@ -9,26 +9,22 @@ from charlm.models import build_model, config_for
 from charlm.params import GPTParams
 from charlm.quantize import Int8Linear, quantize_int8
 from charlm.sampling import generate
-from charlm.tokenizer import CharTokenizer
 from charlm.training import train
-from tests.conftest import make_corpus
+from tests.conftest import token_splits
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A small GPT trained long enough that its logits are far from uniform."""
-    text = make_corpus(600)
-    tok = CharTokenizer.fit(text)
-    data = torch.frombuffer(bytearray(tok.encode_bytes(text)), dtype=torch.uint8)
-    n = int(len(data) * 0.9)
+    vocab_size, train_data, val_data = token_splits(600)
     cfg = GPTParams(
         batch_size=16, block_size=32, max_iters=150, eval_interval=150, eval_iters=2, n_layer=2, n_head=2,
         n_embd=32, precision="float32", learning_rate=3e-3, warmup_iters=10,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = build_model("gpt", config_for("gpt", cfg, tok.vocab_size))
-    train(model, data[:n], data[n:], cfg, "cpu", 0)
-    return model.eval(), data[n:]
+    model = build_model("gpt", config_for("gpt", cfg, vocab_size))
+    train(model, train_data, val_data, cfg, "cpu", 0)
+    return model.eval(), val_data
 
 
 def test_int8_linear_is_within_rounding_of_float32():

@@ -10,18 +10,13 @@ from charlm.models import build_model, config_for
 from charlm.models.bigram import bigram_loss_floor
 from charlm.models.gpt import explicit_causal_attention
 from charlm.params import BigramParams, GPTParams
-from charlm.tokenizer import CharTokenizer
 from charlm.training import learning_rate_at, make_optimizer, split_loss, train
-from tests.conftest import make_corpus
+from tests.conftest import token_splits
 
 
 @pytest.fixture(scope="module")
 def splits():
-    text = make_corpus(600)
-    tok = CharTokenizer.fit(text)
-    data = torch.frombuffer(bytearray(tok.encode_bytes(text)), dtype=torch.uint8)
-    n = int(len(data) * 0.9)
-    return tok.vocab_size, data[:n], data[n:]
+    return token_splits(600)
 
 
 def train_gpt(splits, seed=0, **overrides):
