@@ -11,22 +11,13 @@ from charlm.distributed import Distributed, worker_device
 from charlm.errors import UsageError
 from charlm.params import GPTParams, ParamsError
 from charlm.training import micro_batches
-from tests.test_stages import TINY_GPT, prepared, stage, write_params  # noqa: F401 (prepared is a fixture)
+from tests.test_stages import TINY_GPT, TRAIN_ARGS, prepared, stage, write_params  # noqa: F401 (prepared is a fixture)
 
 
 def train_args(name: str) -> list[str]:
-    return [
-        "--train",
-        "data/train.bin",
-        "--val",
-        "data/val.bin",
-        "--vocab",
-        "data/vocab.json",
-        "--checkpoint",
-        f"out/{name}.pt",
-        "--curve",
-        f"out/{name}.csv",
-    ]
+    """TRAIN_ARGS with the checkpoint and curve written to out/<name>.pt and out/<name>.csv."""
+    outputs = {"models/gpt.pt": f"out/{name}.pt", "curves/gpt.csv": f"out/{name}.csv"}
+    return [outputs.get(arg, arg) for arg in TRAIN_ARGS]
 
 
 def run_training(prepared, tmp_path, name: str, **top) -> None:  # noqa: F811

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.bench import stage_args
 from tests.conftest import make_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,23 +44,8 @@ def prepared(tmp_path_factory) -> Path:
     corpus.write_text(make_corpus(300))
     sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
     write_params(work / "params.yaml", data={"url": str(corpus), "sha256": sha})
-    for name, args in [
-        ("download", ["--out", "data/input.txt"]),
-        ("encode", ["--text", "data/input.txt", "--vocab", "data/vocab.json", "--tokens", "data/tokens.bin"]),
-        (
-            "split",
-            [
-                "--tokens",
-                "data/tokens.bin",
-                "--vocab",
-                "data/vocab.json",
-                "--train",
-                "data/train.bin",
-                "--val",
-                "data/val.bin",
-            ],
-        ),
-    ]:
+    for name in ("download", "encode", "split"):
+        args = stage_args(name)  # exactly what dvc.yaml runs
         proc = stage(name, *args, cwd=work)
         assert proc.returncode == 0, proc.stderr
     return work
