@@ -83,6 +83,7 @@ class TrainConfig:
     eval_iters: int = 200
     precision: str = "float32"  # bfloat16 autocast where the device supports it; "auto" picks it there
     optimizer: str = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest (charlm.training)
+    ema_decay: float = 0.0  # > 0: keep and save an exponential moving average of the weights; 0 = off
 
     def check(self, section: str) -> None:
         positive_ints = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters")
@@ -107,6 +108,12 @@ class TrainConfig:
         _check(self.grad_clip >= 0.0, f"{section}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(self.precision in PRECISIONS, f"{section}.precision", self.precision, f"must be one of {PRECISIONS}")
         _check(self.optimizer in OPTIMIZERS, f"{section}.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        _check(
+            0.0 <= self.ema_decay < 1.0,
+            f"{section}.ema_decay",
+            self.ema_decay,
+            "must be in [0, 1) (0 = no weight averaging; 0.998 averages over ~500 steps)",
+        )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ The loop never reads a value back from the device except when it logs or evaluat
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from charlm.batches import get_batch, sequential_windows
 from charlm.device import autocast_dtype, synchronize
@@ -128,6 +130,28 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.opt
     return MuonAdamW(muon, adamw)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), `decay` per step.
+
+    Why: the default GPT overfits its 1M-character training split, and the average of the last
+    ~1/(1 - decay) steps' weights generalises better than the last weights: on the default recipe
+    (README "Params") 1.471 against 1.504 exact val loss, for one `lerp` of 0.8M numbers per step.
+    It starts from the weights it is given (the initial ones), which keep a share of decay**steps:
+    measured slightly better (1.471) than a bias-corrected average that drops them (1.476).
+    torch's `AveragedModel` would read a device counter back to the host on every update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self._lerp = get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self._lerp(list(self.model.parameters()), [p.detach() for p in model.parameters()], None)
+        for averaged, current in zip(self.model.buffers(), model.buffers(), strict=True):
+            averaged.copy_(current)
+
+
 def autocast_context(device: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
@@ -195,6 +219,8 @@ def train(
     """Train in place. `on_progress(step, max_iters, loss, tokens_per_s)` gets the loss as a device
     tensor: reading it is a host sync, so callers read it only when they print.
 
+    With `ema_decay` > 0 the curve measures the weight average and the model ends holding it.
+
     Under torchrun (`dist.world_size` > 1) the model is wrapped in DDP; every process draws its own
     batches; only the main process evaluates, so only it has a curve.
     """
@@ -208,6 +234,9 @@ def train(
 
         net = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     optimizer = make_optimizer(model, cfg, device)
+    # Only the main process evaluates and saves, so only it needs the average.
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None
+    evaluated = average.model if average is not None else model
     batch_gen = torch.Generator().manual_seed(seed + 7919 * dist.rank)  # each process its own batches
     eval_gen_seed = seed + 1  # fixed eval batches: every point of the curve is measured on the same text
     splits = {"train": train_data, "val": val_data}
@@ -217,7 +246,7 @@ def train(
 
     def evaluate(step: int) -> None:
         losses = estimate_loss(
-            model,
+            evaluated,
             splits,
             cfg.block_size,
             cfg.eval_iters,
@@ -253,6 +282,8 @@ def train(
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if average is not None:
+            average.update(model)
         if on_progress is not None:
             elapsed = train_seconds + time.perf_counter() - started
             on_progress(step + 1, cfg.max_iters, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9))
@@ -260,6 +291,8 @@ def train(
     train_seconds += time.perf_counter() - started
     if dist.is_main:
         evaluate(cfg.max_iters)
+    if average is not None:
+        model.load_state_dict(average.model.state_dict())
     return TrainResult(
         curve=curve,
         train_seconds=train_seconds,

@@ -50,6 +50,8 @@ BAD = [
     ({"gpt": {"precision": "fp8"}}, "gpt.precision = 'fp8'"),
     ({"gpt": {"optimizer": "sgd"}}, "gpt.optimizer = 'sgd': must be one of ('adamw', 'muon')"),
     ({"bigram": {"optimizer": "muon"}}, "bigram.optimizer = 'muon': must be adamw"),
+    ({"gpt": {"ema_decay": 1.0}}, "gpt.ema_decay = 1.0: must be in [0, 1)"),
+    ({"bigram": {"ema_decay": -0.5}}, "bigram.ema_decay = -0.5: must be in [0, 1)"),
     ({"gpt": {"warmup_iters": 5000, "max_iters": 100}}, "gpt.warmup_iters = 5000"),
     ({"gpt": {"min_lr_ratio": 2}}, "gpt.min_lr_ratio = 2.0"),
     ({"gpt": {"weight_decay": -1}}, "gpt.weight_decay = -1.0"),
@@ -132,6 +134,7 @@ section_keys = st.sampled_from(
         "max_new_tokens",
         "precision",
         "optimizer",
+        "ema_decay",
         "bias",
     ]
 )

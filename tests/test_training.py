@@ -10,7 +10,7 @@ from charlm.models import build_model, config_for
 from charlm.models.bigram import bigram_loss_floor
 from charlm.models.gpt import explicit_causal_attention
 from charlm.params import BigramParams, GPTParams
-from charlm.training import learning_rate_at, make_optimizer, split_loss, train
+from charlm.training import estimate_loss, learning_rate_at, make_optimizer, split_loss, train
 from tests.conftest import token_splits
 
 
@@ -189,3 +189,25 @@ def test_bigram_has_no_matrices_for_muon():
     model = build_model("bigram", {"vocab_size": 5})
     with pytest.raises(ParamsError, match="no hidden matrices"):
         make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+
+
+def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
+    """With ema_decay the model ends holding the decay-weighted average of every step's weights,
+    the initial ones included, and the curve measures that average. A constant learning rate makes
+    a k-step run the first k steps of a longer one, so each step's weights come from a shorter run."""
+    vocab_size, tr, va = splits
+    decay = 0.6
+    constant = dict(dropout=0.0, warmup_iters=0, min_lr_ratio=1.0, optimizer="muon", eval_interval=4)
+    torch.manual_seed(0)  # as train_gpt does before building its model
+    initial = build_model("gpt", dict(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    steps = [initial.state_dict()] + [train_gpt(splits, **constant, max_iters=k)[0].state_dict() for k in (1, 2, 3, 4)]
+    averaged, result = train_gpt(splits, **constant, max_iters=4, ema_decay=decay)
+    for name, value in averaged.state_dict().items():
+        expected = steps[0][name]
+        for weights in steps[1:]:
+            expected = decay * expected + (1 - decay) * weights[name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+        assert not torch.allclose(value, steps[-1][name]), name
+    eval_gen = torch.Generator().manual_seed(0 + 1)  # train()'s eval batches: seed + 1
+    losses = estimate_loss(averaged, {"train": tr, "val": va}, 16, 2, 8, eval_gen, "cpu")
+    assert result.curve[-1].val_loss == pytest.approx(losses["val"], abs=1e-6)
