@@ -134,8 +134,8 @@ class WeightAverage:
     """An exponential moving average of a model's weights (Polyak averaging), `decay` per step.
 
     Why: the default GPT overfits its 1M-character training split, and the average of the last
-    ~1/(1 - decay) steps' weights generalises better than the last weights: on the default recipe
-    (README "Params") 1.471 against 1.504 exact val loss, for one `lerp` of 0.8M numbers per step.
+    ~1/(1 - decay) steps' weights generalises better than the last weights: 0.03 nats lower exact
+    val loss on the default GPT (README "Params"), for one `lerp` of 0.8M numbers per step.
     It starts from the weights it is given (the initial ones), which keep a share of decay**steps:
     measured slightly better (1.471) than a bias-corrected average that drops them (1.476).
     torch's `AveragedModel` would read a device counter back to the host on every update.
