@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LECTURE_GPT = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, learning_rate=3e-4)
 NANOGPT_CPU_VAL = 1.886  # nanoGPT's documented CPU recipe: best val loss after 2000 steps, 91 s here
 # A short run of the default-size GPT for time-to-quality: the params a user would pass as
-# `dvc exp run -S gpt.optimizer=muon -S gpt.learning_rate=0.01 -S gpt.max_iters=400 -S gpt.warmup_iters=30`
+# `dvc exp run -S gpt.learning_rate=0.01 -S gpt.max_iters=400 -S gpt.warmup_iters=30 -S gpt.weight_decay=0.1
+# -S gpt.ema_decay=0`
 # (evaluating every 25 steps only to read the time off the curve; evaluations are not counted).
 # Tuned before the default gained weight averaging and weight decay 0.3, so both pinned as measured;
 # over 400 steps an average's lag would cost more than its smoothing gives.
