@@ -59,9 +59,10 @@ def worker_train(data: Path, model: str, overrides: dict, steps: int, target: fl
 
     import torch
 
+    from charlm.evaluation import split_loss
     from charlm.models import build_model, config_for
     from charlm.params import load_params
-    from charlm.training import split_loss, train
+    from charlm.training import train
 
     tok, train_data, val_data = _splits(data)
     section = dataclasses.replace(load_params(ROOT / "params.yaml").model(model), **overrides)

@@ -5,12 +5,21 @@ from __future__ import annotations
 import csv
 import io as _io
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from charlm import io
-from charlm.training import CurvePoint
 
 COLUMNS = ("step", "train_loss", "val_loss")
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One evaluation during training: the estimated losses at `step` (random batches, not the whole split)."""
+
+    step: int
+    train_loss: float
+    val_loss: float
 
 
 def curve_csv(points: Iterable[CurvePoint]) -> str:

@@ -83,32 +83,6 @@ def synchronize(device: str) -> None:
         torch.mps.synchronize()
 
 
-def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
-    """The autocast dtype for training, or None for plain float32.
-
-    `auto` takes bfloat16 where it is fast: CUDA with bf16 support, or a CPU with native bf16
-    instructions (AVX512-BF16 / AMX); elsewhere bf16 emulation would be slower than float32.
-    """
-    if precision == "float32":
-        return None
-    if precision == "bfloat16":
-        return torch.bfloat16
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return None
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def configure_threads(threads: int) -> None:
     """Set torch's intra-op threads (0 keeps torch's default: one per core).
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from charlm import io
-from charlm.training import CurvePoint
+from charlm.curves import CurvePoint
 
 
 def render_loss_curves(curves: Mapping[str, list[CurvePoint]], path: str | Path, title: str = "") -> None:

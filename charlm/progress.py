@@ -11,7 +11,7 @@ from typing import TextIO
 
 import torch
 
-from charlm.training import CurvePoint
+from charlm.curves import CurvePoint
 
 
 def _duration(seconds: float) -> str:

@@ -15,34 +15,35 @@ import copy
 import torch
 from torch import nn
 
-# The kernel multiplies bf16 activations by int8 weights; with float32 activations it was slower
-# than the plain float32 linear (measured), so activations are cast to bf16 around it.
-COMPUTE_DTYPE = torch.bfloat16
+from charlm.precision import int8_activation_dtype
 
 
 class Int8Linear(nn.Module):
     """`nn.Linear` with int8 weights and one float scale per output feature."""
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> None:
         super().__init__()
+        self.compute_dtype = dtype  # the kernel's activation dtype (charlm.precision.int8_activation_dtype)
         self.register_buffer("weight_int8", weight_int8)  # (out, in)
-        self.register_buffer("scales", scales.to(COMPUTE_DTYPE))  # (out,)
-        self.register_buffer("bias", None if bias is None else bias.to(COMPUTE_DTYPE))
+        self.register_buffer("scales", scales.to(dtype))  # (out,)
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
         weight = linear.weight.detach().float()
         # Round with the scale the kernel will use (bf16 has 8 significant bits), not the exact one.
-        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(COMPUTE_DTYPE).float()
+        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(dtype).float()
         weight_int8 = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(weight_int8, scales, bias)
+        return cls(weight_int8, scales, bias, dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.size(-1)).to(COMPUTE_DTYPE)
+        rows = x.reshape(-1, x.size(-1)).to(self.compute_dtype)
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scales)
         if self.bias is not None:
             y = y + self.bias
@@ -58,9 +59,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"int8 weights run on the CPU only, and this model is on {device}; use float32 there")
+    dtype = int8_activation_dtype(device)
     quantized = copy.deepcopy(model).eval()
     for module in list(quantized.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child))
+                setattr(module, name, Int8Linear.from_linear(child, dtype))
     return quantized

@@ -10,9 +10,9 @@ from charlm.batches import load_tokens
 from charlm.checkpoint import load_checkpoint
 from charlm.device import configure_threads, resolve_device
 from charlm.errors import reported_errors
+from charlm.evaluation import split_loss
 from charlm.params import load_params
 from charlm.tokenizer import CharTokenizer
-from charlm.training import split_loss
 
 
 def main(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from charlm.device import Availability, DeviceError, autocast_dtype, resolve_device
+from charlm.device import Availability, DeviceError, resolve_device
 
 CPU_ONLY = Availability(cuda_count=0, mps=False)
 TWO_GPUS = Availability(cuda_count=2, mps=False)
@@ -49,9 +49,3 @@ def test_this_machine_has_no_mps():
     if not torch.backends.mps.is_available():
         with pytest.raises(DeviceError, match="mps"):
             resolve_device("mps")
-
-
-def test_autocast_choice():
-    assert autocast_dtype("cpu", "float32") is None
-    assert autocast_dtype("cpu", "bfloat16") is torch.bfloat16
-    assert autocast_dtype("mps", "auto") is None  # no bf16 autocast on mps: float32 there

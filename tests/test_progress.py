@@ -2,8 +2,8 @@ import io
 
 import torch
 
+from charlm.curves import CurvePoint
 from charlm.progress import Progress
-from charlm.training import CurvePoint
 
 
 def test_piped_output_is_plain_flushed_lines():

@@ -30,7 +30,7 @@ def trained():
 def test_int8_linear_is_within_rounding_of_float32():
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
-    q = Int8Linear.from_linear(linear)
+    q = Int8Linear.from_linear(linear, torch.bfloat16)
     assert q.weight_int8.dtype == torch.int8 and q.weight_int8.shape == (48, 64)
     # each weight is within half a step of its row's scale (the last 1e-6 is float32 rounding)
     step = q.scales.float()[:, None]

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from charlm.batches import get_batch
+from charlm.evaluation import estimate_loss, split_loss
 from charlm.models import build_model, config_for
 from charlm.models.bigram import bigram_loss_floor
 from charlm.models.gpt import explicit_causal_attention
+from charlm.optim import Muon, make_optimizer
 from charlm.params import BigramParams, GPTParams
-from charlm.training import estimate_loss, learning_rate_at, make_optimizer, split_loss, train
+from charlm.training import learning_rate_at, train
 from tests.conftest import token_splits
 
 
@@ -166,25 +168,24 @@ def test_muon_schedule_reaches_both_optimizers(splits):
         precision="float32",
     )
     seen = []
-    real_step = torch.optim.Muon.step
+    real_step = Muon.step
 
     def spy(self, *args, **kwargs):
         seen.append(self.param_groups[0]["lr"])
         return real_step(self, *args, **kwargs)
 
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    torch.optim.Muon.step = spy
+    Muon.step = spy
     try:
         train(model, tr, va, cfg, "cpu", 0)
     finally:
-        torch.optim.Muon.step = real_step
+        Muon.step = real_step
     assert seen == pytest.approx([learning_rate_at(s, cfg) for s in range(4)])
     assert seen[0] > seen[-1]
 
 
 def test_bigram_has_no_matrices_for_muon():
-    from charlm.params import ParamsError
-    from charlm.training import TrainConfig
+    from charlm.params import ParamsError, TrainConfig
 
     model = build_model("bigram", {"vocab_size": 5})
     with pytest.raises(ParamsError, match="no hidden matrices"):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.precision import explicit_attention
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -143,11 +145,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x)
         dropout_p = self.dropout if self.training else 0.0
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # Measured on a 2-core AVX512-BF16 CPU (torch 2.13), forward+backward of one layer: SDPA's
-            # bf16 CPU kernel 26 ms vs 10 ms for these ops at the default size (block 128, head 32),
-            # 700 vs 538 ms at the lecture's (block 256, head 64, dropout 0.2). Same math: tests
-            # compare the two.
+        if explicit_attention(x):  # CPU bf16: faster than SDPA's kernel there; tests compare the two
             y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)

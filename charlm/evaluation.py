@@ -1,0 +1,58 @@
+"""Loss estimation: the lecture's `estimate_loss` on random batches (the training curve) and the
+exact whole-split loss (the evaluate stage's metrics)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from charlm.batches import get_batch, sequential_windows
+from charlm.precision import autocast_context
+
+EVAL_BATCH_SIZE = 64
+
+
+@torch.inference_mode()
+def estimate_loss(
+    model: nn.Module,
+    splits: dict[str, torch.Tensor],
+    block_size: int,
+    eval_iters: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: str,
+    amp: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean loss over `eval_iters` random batches per split (the lecture's estimate_loss), batched."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for name, data in splits.items():
+        x, y = get_batch(data, eval_iters * batch_size, block_size, generator, device)
+        total = torch.zeros((), device=device)
+        for i in range(0, len(x), EVAL_BATCH_SIZE):
+            with autocast_context(device, amp):
+                _, loss = model(x[i : i + EVAL_BATCH_SIZE], y[i : i + EVAL_BATCH_SIZE])
+            total += loss.float() * len(x[i : i + EVAL_BATCH_SIZE])
+        out[name] = (total / len(x)).item()
+    model.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def split_loss(
+    model: nn.Module, data: torch.Tensor, block_size: int, device: str, max_tokens: int | None = None
+) -> float:
+    """Exact mean loss over the whole split in non-overlapping windows, in float32: a pure function
+    of the checkpoint and the data, so the evaluate stage's metrics are reproducible."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    count = 0
+    for x, y in sequential_windows(data, block_size, EVAL_BATCH_SIZE, max_tokens):
+        x, y = x.to(device), y.to(device)
+        _, loss = model(x, y)
+        total += loss.float() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return (total / count).item()
