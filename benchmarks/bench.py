@@ -102,6 +102,101 @@ def worker_train(data: Path, model: str, overrides: dict, steps: int, target: fl
     return out
 
 
+def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
+    """The machine's measured matmul limit in GFLOP/s for one dtype, at this process's thread count."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up: oneDNN/MKL pick their kernels on the first call
+    reps, t0 = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def flops_per_token(config: dict) -> float:
+    """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention's QK^T and AV
+    over the full T x T (what the kernels compute, causal mask or not)."""
+    C, L, T, V = config["n_embd"], config["n_layer"], config["block_size"], config["vocab_size"]
+    matmul_weights = L * 12 * C * C + C * V  # per block: qkv 3C^2, proj C^2, MLP 8C^2; the head
+    return 6 * matmul_weights + 12 * L * T * C
+
+
+def worker_steps(data: Path, overrides: dict, steps: int, rounds: int) -> dict:
+    """Step times of one GPT size, three ways, interleaved round by round so drift hits all alike:
+    the params.yaml recipe, the same charlm model with plain float32 AdamW, and the plain-PyTorch
+    reference (`benchmarks.reference`, nanoGPT's way of writing the model) with float32 AdamW."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks.reference import ReferenceGPT, reference_optimizer
+    from charlm.batches import get_batch
+    from charlm.models import build_model, config_for
+    from charlm.params import load_params
+    from charlm.precision import cpu_native_bf16, describe_cpu
+    from charlm.training import train
+
+    tok, train_data, val_data = _splits(data)
+    recipe = dataclasses.replace(load_params(ROOT / "params.yaml").gpt, **overrides)
+    recipe = dataclasses.replace(
+        recipe, max_iters=steps, warmup_iters=min(recipe.warmup_iters, steps - 1), eval_interval=10**9, eval_iters=1
+    )
+    plain = dataclasses.replace(recipe, optimizer="adamw", precision="float32")
+    config = config_for("gpt", recipe, tok.vocab_size)
+
+    def charlm_step(section) -> float:
+        torch.manual_seed(1337)
+        net = build_model("gpt", config)
+        return train(net, train_data, val_data, section, "cpu", 1337).train_seconds / steps
+
+    def reference_step() -> float:
+        torch.manual_seed(1337)
+        net = ReferenceGPT(
+            **{k: config[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")},
+            dropout=config["dropout"],
+        )
+        optimizer = reference_optimizer(net, recipe.learning_rate, recipe.weight_decay)
+        gen = torch.Generator().manual_seed(1337)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x, y = get_batch(train_data, recipe.batch_size, recipe.block_size, gen)
+            optimizer.zero_grad(set_to_none=True)
+            net(x, y).backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+        return (time.perf_counter() - t0) / steps
+
+    charlm_step(dataclasses.replace(recipe, max_iters=1, warmup_iters=0))  # untimed: first-call kernel picks
+    times: dict[str, list[float]] = {"recipe": [], "charlm_float32_adamw": [], "reference_float32_adamw": []}
+    for _ in range(rounds):
+        times["recipe"].append(charlm_step(recipe))
+        times["charlm_float32_adamw"].append(charlm_step(plain))
+        times["reference_float32_adamw"].append(reference_step())
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    tokens = recipe.batch_size * recipe.block_size
+    flops = flops_per_token(config) * tokens
+    native = cpu_native_bf16()
+    peaks = {"float32": matmul_peak("float32")}
+    if native:
+        peaks["bfloat16"] = matmul_peak("bfloat16")
+    recipe_dtype = "bfloat16" if native and recipe.precision != "float32" else "float32"
+    return {
+        "cpu": describe_cpu(),
+        "threads": torch.get_num_threads(),
+        "step_seconds": median,
+        "tokens_per_second": {k: tokens / v for k, v in median.items()},
+        "recipe_over_float32_adamw": median["recipe"] / median["charlm_float32_adamw"],
+        "speedup_over_reference": median["reference_float32_adamw"] / median["recipe"],
+        "gflops": {k: flops / v / 1e9 for k, v in median.items()},
+        "matmul_peak_gflops": peaks,
+        "recipe_dtype": recipe_dtype,
+        "recipe_fraction_of_peak": flops / median["recipe"] / 1e9 / peaks[recipe_dtype],
+    }
+
+
 def lecture_generate(model, idx, max_new_tokens: int, block_size: int):
     """The lecture's loop: re-run the whole cropped context for every new token."""
     import torch
@@ -322,7 +417,8 @@ def worker(kind: str, kwargs: str) -> None:
     args = json.loads(kwargs)
     if "data" in args:
         args["data"] = Path(args["data"])
-    result = {"train": worker_train, "sample": worker_sample, "encode": worker_encode}[kind](**args)
+    workers = {"train": worker_train, "steps": worker_steps, "sample": worker_sample, "encode": worker_encode}
+    result = workers[kind](**args)
     print(json.dumps(result))
 
 

@@ -2,8 +2,10 @@
 
 Torch-free so that the `download` stage starts in milliseconds. Transient failures (connection
 errors, timeouts, HTTP 5xx/429, a body cut short) are retried with exponential backoff; everything
-else fails at once. The environment variable CHARLM_DATA_FILE names a local copy to use instead of
-the network: the sha256 check makes its output byte-identical to a download.
+else fails at once. The environment variable CHARLM_DATA_FILE names a local copy of the *pinned*
+corpus to read instead of the network. DVC tracks params, not environment variables, so the copy is
+used only when `data.sha256` is set and it matches: the output is then byte-identical to a download.
+With `data.sha256: ""` it is refused (point `data.url` at the file instead, which DVC does track).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from charlm import io
 from charlm.errors import CharlmError
 
 DATA_FILE_ENV = "CHARLM_DATA_FILE"
-OFFLINE_HINT = f"offline? set {DATA_FILE_ENV}=/path/to/input.txt to use a local copy (its sha256 is still checked)"
+OFFLINE_HINT = f"offline? set {DATA_FILE_ENV}=/path/to/input.txt to use a local copy (its sha256 must match data.sha256)"
 _CHUNK = 1 << 16
 
 
@@ -45,10 +47,18 @@ class DownloadConfig:
     max_redirects: int = 5
 
 
-def resolve_source(url: str, env: dict[str, str] | None = None) -> str:
-    """The source actually read: CHARLM_DATA_FILE when set, else `url`."""
+def resolve_source(url: str, sha256: str, env: dict[str, str] | None = None) -> str:
+    """The source actually read: CHARLM_DATA_FILE when set (only for a pinned corpus), else `url`."""
     env = os.environ if env is None else env
-    return env.get(DATA_FILE_ENV) or url
+    local = env.get(DATA_FILE_ENV)
+    if not local:
+        return url
+    if not sha256:
+        raise DownloadError(
+            f"{DATA_FILE_ENV} is set but data.sha256 is empty, so DVC could not know which corpus was used; "
+            f"pin data.sha256, or set data.url to {local} (DVC tracks params) and unset {DATA_FILE_ENV}"
+        )
+    return local
 
 
 def _local_path(source: str) -> Path | None:
@@ -120,7 +130,8 @@ def download(
     `sha256=""` accepts any content and warns that the data is not pinned.
     Raises `DownloadError`; on any failure nothing is left at `out`.
     """
-    source = resolve_source(url, env)
+    source = resolve_source(url, sha256, env)
+    via_env = source != url
     local = _local_path(source)
     offline_hint = "" if local is not None else f"; {OFFLINE_HINT}"
     last_error = ""
@@ -137,6 +148,11 @@ def download(
                 else:
                     size = _fetch_http(source, dst, cfg, digest)
                 actual = digest.hexdigest()
+                if via_env and actual != sha256:
+                    raise DownloadError(
+                        f"the local copy {DATA_FILE_ENV}={source} is not the pinned corpus: sha256 {actual}, "
+                        f"data.sha256 {sha256}; point {DATA_FILE_ENV} at the right file or unset it"
+                    )
                 if sha256 and actual != sha256:
                     raise DownloadError(
                         f"sha256 mismatch: expected {sha256}, got {actual} ({size:,} bytes); "
@@ -144,6 +160,8 @@ def download(
                     )
             if not sha256:
                 log(f"warning: data.sha256 is empty, so {source} is not pinned; its sha256 is {actual}")
+            if via_env:
+                log(f"used the local copy {DATA_FILE_ENV}={source} instead of {url} (sha256 matches data.sha256)")
             log(f"fetched {source} ({size:,} bytes, sha256 {actual[:12]}...)")
             return actual
         except _Transient as e:
@@ -153,5 +171,5 @@ def download(
                 log(f"try {attempt}/{cfg.retries} of {source} failed ({e}); retrying in {delay:g} s")
                 time.sleep(delay)
         except DownloadError as e:
-            raise DownloadError(f"download of {source} failed: {e}{offline_hint}") from None
+            raise DownloadError(f"download of {source} failed: {e}{'' if via_env else offline_hint}") from None
     raise DownloadError(f"download of {source} failed after {cfg.retries} tries: {last_error}{offline_hint}")

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
+
+# Variables of the user's shell that change what charlm, DVC or torch do. The suite clears them for
+# itself and for every subprocess it starts (they copy os.environ), so its result does not depend on
+# the shell it runs in: e.g. the README's offline CHARLM_DATA_FILE, or a forced CPU class.
+ENV_PREFIXES = ("CHARLM_", "DVC_", "TORCH_", "ATEN_", "ONEDNN_", "DNNL_", "MKL_", "OMP_", "KMP_", "CUDA_")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment():
+    """Session-wide, so it is in force before any module-scoped fixture starts a stage."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
+            mp.delenv(key)
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        yield
 
 WORDS = (
     "the king my lord and sweet love thou art not what she would have me speak of noble heart "

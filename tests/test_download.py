@@ -128,12 +128,32 @@ def test_connection_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_local_copy_from_environment_variable_skips_the_network(tmp_path):
+def test_local_copy_from_environment_variable_skips_the_network_and_says_so(tmp_path):
     local = tmp_path / "copy.txt"
     local.write_bytes(BODY)
     out = tmp_path / "out" / "input.txt"
-    fetch("http://127.0.0.1:9/unreachable", out, env={DATA_FILE_ENV: str(local)})
+    lines = []
+    download("http://127.0.0.1:9/unreachable", out, SHA, FAST, env={DATA_FILE_ENV: str(local)}, log=lines.append)
     assert out.read_bytes() == BODY
+    assert any(f"used the local copy {DATA_FILE_ENV}={local}" in line for line in lines)
+
+
+def test_local_copy_is_refused_when_the_corpus_is_not_pinned(tmp_path):
+    # DVC does not track environment variables: an unpinned corpus read from one would be invisible to it.
+    local = tmp_path / "copy.txt"
+    local.write_bytes(BODY)
+    with pytest.raises(DownloadError, match=f"{DATA_FILE_ENV} is set but data.sha256 is empty") as info:
+        fetch("http://127.0.0.1:9/unreachable", tmp_path / "x", sha="", env={DATA_FILE_ENV: str(local)})
+    assert "set data.url to" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_wrong_local_copy_is_named_as_such(tmp_path):
+    local = tmp_path / "other.txt"
+    local.write_bytes(b"not the corpus\n")
+    with pytest.raises(DownloadError, match=f"the local copy {DATA_FILE_ENV}=.*other.txt is not the pinned corpus"):
+        fetch("http://127.0.0.1:9/unreachable", tmp_path / "x", env={DATA_FILE_ENV: str(local)})
+    assert not (tmp_path / "x").exists()
 
 
 def test_file_url_and_plain_path(tmp_path):
