@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from charlm.errors import UsageError, reported_errors
+from charlm.errors import reported_errors
 
 app = typer.Typer(
     help="Sample from and inspect charlm checkpoints. The pipeline itself runs with `dvc repro`.",
@@ -30,14 +30,14 @@ app = typer.Typer(
 )
 def sample(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by the train stage, e.g. models/gpt.pt."),
-    prompt: str = typer.Option("\n", help="Text to continue; empty starts from a newline."),
+    prompt: str = typer.Option("", help="Text to continue; empty (the default) starts from a newline."),
     max_new_tokens: int = typer.Option(500, "-n", "--max-new-tokens", help="How many characters to generate."),
     temperature: float = typer.Option(1.0, help="Softmax temperature; 0 is greedy (always the likeliest)."),
     top_k: int = typer.Option(0, help="Sample only among the k likeliest characters; 0 means all."),
     seed: int = typer.Option(1337, help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     precision: str = typer.Option(
-        "float32", help="float32, or int8: int8 weights, ~3x faster on the CPU (see README Performance)."
+        "auto", help="auto (int8 weights on the CPU, float32 elsewhere), float32 or int8 (see README Performance)."
     ),
     drop_unknown: bool = typer.Option(
         False, "--drop-unknown", help="Remove prompt characters the model has never seen instead of failing."
@@ -45,47 +45,27 @@ def sample(
 ) -> None:
     """Stream generated text to the terminal, character by character."""
     with reported_errors("charlm sample"):
-        import torch
-
         from charlm.checkpoint import load_checkpoint
         from charlm.device import resolve_device
         from charlm.params import SampleParams
-        from charlm.sampling import generate, prompt_ids
+        from charlm.sampling import sample_text
 
-        SampleParams(
+        settings = SampleParams(
             prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, precision=precision
         )
         ckpt = load_checkpoint(checkpoint)
-        tok = ckpt.tokenizer
-        if top_k > tok.vocab_size:
-            raise UsageError(f"--top-k {top_k}: must be <= the vocabulary size ({tok.vocab_size}), or 0")
-        resolved = resolve_device(device)
-        if precision == "int8" and resolved != "cpu":
-            raise UsageError("--precision int8 runs on the CPU only; use --device cpu or --precision float32")
-        ids, dropped = prompt_ids(tok, prompt, drop_unknown=drop_unknown)
-        if dropped:
-            print(f"warning: dropped characters not in the vocabulary: {' '.join(map(repr, dropped))}", file=sys.stderr)
-        torch.manual_seed(seed)
-        model = ckpt.build().to(resolved)
-        if precision == "int8":
-            from charlm.quantize import quantize_int8
 
-            model = quantize_int8(model)
-        sys.stdout.write(prompt if not dropped else tok.decode(ids))
+        def start(prompt_text: str, dropped: list[str]) -> None:
+            if dropped:
+                shown = " ".join(map(repr, dropped))
+                print(f"warning: dropped characters not in the vocabulary: {shown}", file=sys.stderr)
+            write(prompt_text)
 
-        def show(next_id: torch.Tensor) -> None:
-            sys.stdout.write(tok.chars[int(next_id[0, 0])])
+        def write(text: str) -> None:
+            sys.stdout.write(text)
             sys.stdout.flush()
 
-        generate(
-            model,
-            torch.tensor([ids]),
-            max_new_tokens,
-            temperature,
-            top_k,
-            torch.Generator().manual_seed(seed),
-            on_token=show,
-        )
+        sample_text(ckpt, settings, resolve_device(device), seed, drop_unknown, on_start=start, on_text=write)
         sys.stdout.write("\n")
 
 

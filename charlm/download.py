@@ -26,7 +26,7 @@ from charlm import io
 from charlm.errors import CharlmError
 
 DATA_FILE_ENV = "CHARLM_DATA_FILE"
-OFFLINE_HINT = f"offline? set {DATA_FILE_ENV}=/path/to/input.txt to use a local copy (its sha256 must match data.sha256)"
+OFFLINE_HINT = f"offline? set {DATA_FILE_ENV}=/path/to/input.txt to use a local copy (it must match data.sha256)"
 _CHUNK = 1 << 16
 
 

@@ -25,7 +25,9 @@ DEFAULT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565
 MODEL_NAMES = ("bigram", "gpt")
 PRECISIONS = ("float32", "bfloat16", "auto")
 OPTIMIZERS = ("adamw", "muon")
-SAMPLE_PRECISIONS = ("float32", "int8")
+SAMPLE_PRECISIONS = ("auto", "float32", "int8")
+GPT_POSITIONS = ("learned", "rope")
+GPT_MLPS = ("gelu", "relu2")
 _DEVICE_RE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -138,9 +140,23 @@ class GPTParams(TrainConfig):
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    position: str = "learned"  # "rope": rotary position embeddings instead of the lecture's table
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    mlp: str = "gelu"  # "relu2": ReLU squared
+    zero_init: bool = False  # the blocks' output projections start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         self.check("gpt")
+        _check(self.position in GPT_POSITIONS, "gpt.position", self.position, f"must be one of {GPT_POSITIONS}")
+        _check(self.mlp in GPT_MLPS, "gpt.mlp", self.mlp, f"must be one of {GPT_MLPS}")
+        _check(self.logit_softcap >= 0.0, "gpt.logit_softcap", self.logit_softcap, "must be >= 0 (0 = off)")
+        _check(
+            self.position != "rope" or (self.n_embd // max(self.n_head, 1)) % 2 == 0,
+            "gpt.position",
+            self.position,
+            f"needs an even head size (n_embd / n_head = {self.n_embd / max(self.n_head, 1):g})",
+        )
         for name in ("n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             _check(value > 0, f"gpt.{name}", value, "must be a positive integer")
@@ -155,11 +171,11 @@ class GPTParams(TrainConfig):
 
 @dataclass(frozen=True)
 class SampleParams:
-    prompt: str = "\n"
+    prompt: str = ""  # empty: a newline, or token 0 in a corpus without one (charlm.sampling.prompt_ids)
     max_new_tokens: int = 500
     temperature: float = 1.0
     top_k: int = 0  # 0 means no top-k filtering
-    precision: str = "float32"  # "int8": int8 weights for the GPT's linear layers, CPU only (charlm.quantize)
+    precision: str = "auto"  # int8 weights on the CPU, float32 elsewhere (charlm.precision.sample_precision)
 
     def __post_init__(self) -> None:
         _check(
@@ -181,14 +197,6 @@ class SampleParams:
             "must be in [0, 100] (0 means greedy argmax)",
         )
         _check(self.top_k >= 0, "sample.top_k", self.top_k, "must be >= 0 (0 means no top-k filtering)")
-
-    def check_device(self, device: str) -> None:
-        _check(
-            self.precision != "int8" or device == "cpu",
-            "sample.precision",
-            self.precision,
-            f"runs on the CPU only, and device is {device}; set sample.precision: float32",
-        )
 
 
 @dataclass(frozen=True)

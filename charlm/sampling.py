@@ -4,28 +4,42 @@ Sampling draws on a CPU `torch.Generator` whatever the model's device, so the sa
 same text on cpu, cuda and mps (up to the logits' own rounding). Temperature 0 is greedy argmax.
 
 The GPT path keeps a KV cache. While the text fits in `block_size` it gives exactly the tokens of
-the lecture's loop (which re-runs the whole cropped context for every token). Past `block_size`
-the learned absolute positions would have to shift under every cached key, so the cache is rebuilt
-from the last `block_size // 2` tokens and generation continues from there: each new token still
-sees at least half a block of context, and the rebuild costs one batched forward per
-`block_size // 2` tokens instead of one per token.
+the lecture's loop (which re-runs the whole cropped context for every token). Past `block_size`:
+
+- with RoPE (`position: rope`) the cache slides: each new token sees the last `block_size` tokens,
+  whose keys and values were computed when they were generated. For one layer that is exactly the
+  lecture's recompute of the last `block_size` characters (tested); with more layers it is not,
+  because the recompute forgets, in every layer, what lay before the window while the cached keys
+  remember it (a model of the same text with more context, as in streaming attention);
+- with learned absolute positions the positions would have to shift under every cached key, so the
+  cache is rebuilt from the last `block_size // 2` tokens and generation continues from there: each
+  new token still sees at least half a block of context, for one batched forward per
+  `block_size // 2` tokens instead of one per token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from charlm.errors import UsageError
+from charlm.precision import sample_precision
 from charlm.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from charlm.checkpoint import Checkpoint
+    from charlm.params import SampleParams
 
 
 def prompt_ids(tokenizer: CharTokenizer, prompt: str, drop_unknown: bool = False) -> tuple[list[int], list[str]]:
     """Token ids of `prompt` and the characters dropped from it.
 
-    An empty prompt starts from a newline (or token 0 if the corpus has none), like the lecture's
-    `torch.zeros((1, 1))`, which is "\\n" in tinyshakespeare. Unknown characters raise
+    An empty prompt (the default) starts from a newline, or, in a corpus without one, from token 0:
+    the corpus's first character in sorted order. The lecture's `torch.zeros((1, 1))` is both in
+    tinyshakespeare, where token 0 is "\\n". Unknown characters raise
     `UnknownCharactersError` unless `drop_unknown`, which removes them and reports them.
     """
     dropped: list[str] = []
@@ -98,8 +112,48 @@ def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, 
             on_token(next_id)
         if i == max_new_tokens - 1:
             break
-        if cache.length >= block_size:
+        if cache.length >= block_size and not getattr(model, "cache_slides", False):
             logits, cache = model.forward_cached(idx[:, -keep:], None)  # re-prefill: see module docstring
         else:
             logits, cache = model.forward_cached(next_id, cache)
     return idx
+
+
+def sample_text(
+    ckpt: Checkpoint,
+    settings: SampleParams,
+    device: torch.device | str,
+    seed: int,
+    drop_unknown: bool = False,
+    on_start: Callable[[str, list[str]], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> tuple[str, list[str]]:
+    """A checkpoint plus sample settings to text (the prompt, then the new characters), and the prompt
+    characters dropped. The sample stage and `charlm sample` both call this; `on_start` sees the
+    prompt as it will be continued and the dropped characters, `on_text` each new character."""
+    tokenizer = ckpt.tokenizer
+    if settings.top_k > tokenizer.vocab_size:
+        raise UsageError(
+            f"sample.top_k = {settings.top_k}: must be <= the vocabulary size ({tokenizer.vocab_size}), or 0"
+        )
+    precision = sample_precision(device, settings.precision)
+    ids, dropped = prompt_ids(tokenizer, settings.prompt, drop_unknown=drop_unknown)
+    torch.manual_seed(seed)
+    model = ckpt.build().to(device)
+    if precision == "int8":
+        from charlm.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    if on_start is not None:
+        on_start(tokenizer.decode(ids), dropped)
+    show = None if on_text is None else (lambda next_id: on_text(tokenizer.chars[int(next_id[0, 0])]))
+    out = generate(
+        model,
+        torch.tensor([ids], dtype=torch.long),
+        settings.max_new_tokens,
+        settings.temperature,
+        settings.top_k,
+        torch.Generator().manual_seed(seed),
+        on_token=show,
+    )
+    return tokenizer.decode(out[0].tolist()), dropped

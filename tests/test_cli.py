@@ -43,7 +43,7 @@ def test_seed_changes_the_text(ckpt):
     ("args", "message"),
     [
         (["--prompt", "xyz"], "characters not in the vocabulary: 'x' 'y' 'z'"),
-        (["--top-k", "99"], "--top-k 99: must be <= the vocabulary size (13)"),
+        (["--top-k", "99"], "sample.top_k = 99: must be <= the vocabulary size (13)"),
         (["--temperature", "-1"], "sample.temperature = -1.0"),
         (["-n", "0"], "sample.max_new_tokens = 0"),
         (["--device", "mps"], "device = 'mps' is not available"),

@@ -65,7 +65,8 @@ def test_sequence_longer_than_block_size_is_an_error():
 def test_config_from_params_section():
     section = GPTParams(n_layer=1, n_head=2, n_embd=8, block_size=4)
     config = config_for("gpt", section, vocab_size=11)
-    assert config == dict(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True)
+    lecture = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0)
+    assert config == dict(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True) | lecture
     assert count_params(build_model("gpt", config)) > 0
 
 
@@ -128,3 +129,90 @@ def test_eval_mode_has_no_dropout():
     assert torch.equal(model(idx)[0], model(idx)[0])
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_lecture_switches_off_is_the_lecture_model_exactly():
+    # The default config must be today's model: same parameters, same numbers.
+    a = tiny_gpt()
+    b = tiny_gpt(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0)
+    idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(4))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert torch.equal(a(idx)[0], b(idx)[0])
+
+
+def test_rope_against_an_explicit_rotation():
+    from charlm.models.gpt import apply_rope, rope_angles
+
+    hs, T = 8, 5
+    x = torch.randn(1, 1, T, hs, generator=torch.Generator().manual_seed(5))
+    cos, sin = rope_angles(hs, 3, T, torch.device("cpu"))
+    out = apply_rope(x, cos, sin)
+    for t in range(T):
+        for i in range(hs // 2):
+            theta = (3 + t) * 10000.0 ** (-2 * i / hs)
+            rot = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+            pair = rot @ torch.stack([x[0, 0, t, i], x[0, 0, t, i + hs // 2]])
+            assert torch.allclose(torch.stack([out[0, 0, t, i], out[0, 0, t, i + hs // 2]]), pair, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    from charlm.models.gpt import apply_rope, rope_angles
+
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+
+    def score(pq, pk):
+        cq, sq = rope_angles(8, pq, 1, torch.device("cpu"))
+        ck, sk = rope_angles(8, pk, 1, torch.device("cpu"))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(1007, 1003), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-4)
+
+
+def test_qk_norm_gives_unit_rms_queries_and_keys_per_head():
+    model = tiny_gpt(qk_norm=True)
+    attn = model.blocks[0].attn
+    q, k, _ = attn._heads(torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(7)))
+    assert q.shape == (2, 2, 6, 16)
+    for t in (q, k):
+        assert torch.allclose(t.pow(2).mean(-1).sqrt(), torch.ones(2, 2, 6), atol=1e-3)
+
+
+def test_relu2_zero_init_and_softcap():
+    model = tiny_gpt(mlp="relu2", zero_init=True, logit_softcap=2.0)
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if n.endswith("proj.weight"))
+    x = torch.randn(3, 32)
+    assert torch.equal(model.blocks[0].mlp.fc(x).relu().square(), torch.relu(model.blocks[0].mlp.fc(x)) ** 2)
+    logits, _ = model(torch.randint(V, (2, 16)))
+    assert logits.abs().max() <= 2.0
+
+
+@pytest.mark.parametrize("bad", [{"position": "alibi"}, {"mlp": "swiglu"}, {"logit_softcap": -1.0}])
+def test_bad_switches_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        tiny_gpt(**bad)
+
+
+@pytest.mark.parametrize("arch", [{}, {"position": "rope", "qk_norm": True, "mlp": "relu2"}])
+def test_kv_cache_matches_full_forward_for_either_architecture(arch):
+    model = tiny_gpt(**arch)
+    idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(8))
+    full, _ = model(idx)
+    last, cache = model.forward_cached(idx[:, :9], None)
+    assert torch.allclose(last, full[:, 8], atol=1e-5)
+    for t in range(9, 16):
+        last, cache = model.forward_cached(idx[:, t : t + 1], cache)
+        assert torch.allclose(last, full[:, t], atol=1e-5)
+
+
+def test_one_layer_rope_cache_slides_exactly_like_recomputing_the_last_block():
+    # Past block_size the lecture re-runs the last block_size characters; a 1-layer RoPE model's
+    # sliding cache holds exactly those keys and values, so the logits agree.
+    model = tiny_gpt(position="rope", n_layer=1, block_size=8)
+    idx = torch.randint(V, (1, 30), generator=torch.Generator().manual_seed(9))
+    last, cache = model.forward_cached(idx[:, :8], None)
+    for t in range(8, 30):
+        last, cache = model.forward_cached(idx[:, t : t + 1], cache)
+        recomputed, _ = model(idx[:, t - 7 : t + 1])
+        assert torch.allclose(last, recomputed[:, -1], atol=1e-5), t

@@ -60,7 +60,7 @@ BAD = [
     ({"sample": {"temperature": -0.5}}, "sample.temperature = -0.5"),
     ({"sample": {"max_new_tokens": 0}}, "sample.max_new_tokens = 0"),
     ({"sample": {"top_k": -1}}, "sample.top_k = -1"),
-    ({"sample": {"precision": "int4"}}, "sample.precision = 'int4': must be one of ('float32', 'int8')"),
+    ({"sample": {"precision": "int4"}}, "sample.precision = 'int4': must be one of ('auto', 'float32', 'int8')"),
     ({"sample": {"prompt": 42}}, "sample.prompt = 42"),
     ({"devcie": "cpu"}, "did you mean device?"),
     ({"sampel": {}}, "did you mean sample?"),
@@ -152,10 +152,12 @@ def test_no_input_crashes_the_loader(raw):
         assert "\n" not in str(e)
 
 
-def test_int8_sampling_is_refused_off_the_cpu():
-    from charlm.params import SampleParams
+def test_sample_precision_auto_is_int8_on_the_cpu_and_int8_is_refused_elsewhere():
+    from charlm.errors import UsageError
+    from charlm.precision import sample_precision
 
-    SampleParams(precision="int8").check_device("cpu")
-    SampleParams(precision="float32").check_device("cuda")
-    with pytest.raises(ParamsError, match="sample.precision = 'int8': runs on the CPU only, and device is cuda"):
-        SampleParams(precision="int8").check_device("cuda")
+    assert sample_precision("cpu", "auto") == "int8"
+    assert sample_precision("cuda", "auto") == sample_precision("mps", "auto") == "float32"
+    assert sample_precision("cpu", "float32") == "float32"
+    with pytest.raises(UsageError, match="int8': runs on the CPU only, and the device is cuda"):
+        sample_precision("cuda", "int8")

@@ -112,7 +112,7 @@ def test_sample_rejects_bad_prompt_and_top_k_and_samples_in_int8(prepared, tmp_p
     write_params(tmp_path / "q.yaml", sample={"precision": "int8", "max_new_tokens": 30})
     proc = stage("sample", *args, "--params", str(tmp_path / "q.yaml"), cwd=prepared)
     assert proc.returncode == 0, proc.stderr
-    assert len((tmp_path / "s.txt").read_text(encoding="utf-8")) == 31  # the "\n" prompt + 30
+    assert len((tmp_path / "s.txt").read_text(encoding="utf-8")) == 31  # the newline it starts from + 30
     for path in leftovers(prepared):
         path.unlink()
 

@@ -4,6 +4,13 @@ self-attention and a 4x MLP with residuals, a final LayerNorm and a linear head.
 Faster than the lecture's per-head loop: one fused QKV projection and
 `F.scaled_dot_product_attention(is_causal=True)`, which scales by head_size**-0.5 as the lecture does.
 `forward_cached` adds a KV cache for generation (see `charlm.sampling`).
+
+Switches from the small-model speed-run literature (modded-nanogpt), each off by default so that the
+default `GPTConfig` is the lecture's model (README "Models" has the measured effect of each):
+`position="rope"` rotary position embeddings instead of a learned table; `qk_norm` RMS-normalises
+queries and keys per head (with a learned gain); `mlp="relu2"` squares a ReLU instead of GELU;
+`zero_init` starts the blocks' output projections at zero; `logit_softcap` bounds the logits
+with cap * tanh(logits / cap).
 """
 
 from __future__ import annotations
@@ -15,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.params import GPT_MLPS as MLPS
+from charlm.params import GPT_POSITIONS as POSITIONS
 from charlm.precision import explicit_attention
+
+ROPE_BASE = 10000.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,11 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    position: str = "learned"  # "learned" (the lecture's table) or "rope"
+    qk_norm: bool = False
+    mlp: str = "gelu"  # "gelu" (the lecture's) or "relu2"
+    zero_init: bool = False
+    logit_softcap: float = 0.0  # 0 = off
 
     def __post_init__(self) -> None:
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) <= 0:
@@ -35,24 +51,52 @@ class GPTConfig:
             raise ValueError(f"n_embd = {self.n_embd}: must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout = {self.dropout}: must be in [0, 1)")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position = {self.position!r}: must be one of {POSITIONS}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"position = 'rope': head size {self.n_embd // self.n_head} must be even")
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp = {self.mlp!r}: must be one of {MLPS}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap = {self.logit_softcap}: must be >= 0 (0 = off)")
 
 
 class KVCache:
     """Keys and values of every layer for the positions generated so far, preallocated to
-    `block_size` so each new token writes in place instead of concatenating."""
+    `block_size` so each new token writes in place instead of concatenating.
+
+    `position` counts every token seen; `length` those held (at most `block_size`). Once full, a
+    cache of a RoPE model slides: a new token overwrites the oldest slot. Its keys carry their
+    absolute rotation, and one query attends to a set of keys in any order, so no re-ordering or
+    re-computation is needed (see `charlm.sampling` for how this compares to the lecture's loop).
+    """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.capacity = config.block_size
         self.length = 0
+        self.position = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (B, nh, T, hs); return all keys and values so far."""
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        """Store this layer's new k, v (B, nh, T, hs); return all keys and values held."""
+        T = k.size(2)
+        if self.length + T <= self.capacity:
+            end = self.length + T
+            self.keys[layer, :, :, self.length : end] = k
+            self.values[layer, :, :, self.length : end] = v
+            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        if T != 1:
+            raise ValueError("a full KV cache takes one new token at a time")
+        slot = self.position % self.capacity  # the oldest token's slot
+        self.keys[layer, :, :, slot : slot + 1] = k
+        self.values[layer, :, :, slot : slot + 1] = v
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n: int) -> None:
+        self.position += n
+        self.length = min(self.capacity, self.length + n)
 
 
 def random_bytes(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -123,20 +167,52 @@ def explicit_causal_attention(
     return (att.masked_fill(drop, 0.0) @ v) * scale
 
 
+def rope_angles(head_size: int, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, hs/2) of the rotation angles pos * base^(-2i/hs) for positions [start, start+T).
+
+    Computed in float64 on the CPU, then moved: a sliding KV cache reaches positions where float32
+    angles would have lost their precision, and some devices (mps) have no float64.
+    """
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+    angles = torch.arange(start, start + length, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i + hs/2}) pair of `x` (B, nh, T, hs) by its position's angle."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.rope = config.position == "rope"
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
+        head_size = config.n_embd // config.n_head
+        self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else None
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         shape = (B, T, self.n_head, C // self.n_head)
-        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))  # 3 x (B, nh, T, hs)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # 3 x (B, nh, T, hs)
+        if self.q_norm is not None:
+            # The gain cast to q's dtype: under bf16 autocast a float32 gain misses the fused kernel.
+            hs = (q.size(-1),)
+            q = F.rms_norm(q, hs, self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+            k = F.rms_norm(k, hs, self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        if self.rope:
+            cos, sin = rope_angles(q.size(-1), start, T, x.device)  # (T, hs/2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         B, nh, T, hs = y.shape
@@ -153,7 +229,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """Attend from the new positions in `x` to the cached keys/values plus their own."""
-        q, k, v = self._heads(x)
+        q, k, v = self._heads(x, cache.position)
         k, v = cache.append(layer, k, v)  # (B, nh, T_past + T, hs)
         T_new, T_all = q.size(2), k.size(2)
         if T_new == 1:
@@ -171,9 +247,12 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
+        self.relu2 = config.mlp == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        h = self.fc(x)  # (B, T, 4C)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
@@ -198,7 +277,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        # With RoPE the positions are in the attention's rotations: no table (so none in the checkpoint).
+        self.position_embedding_table = (
+            nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        )
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -208,11 +290,19 @@ class GPT(nn.Module):
         # stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:  # each block starts as the identity; modded-nanogpt's choice
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @property
     def context_size(self) -> int:
         return self.config.block_size
+
+    @property
+    def cache_slides(self) -> bool:
+        """Whether the KV cache can slide past block_size (RoPE) or must be rebuilt (learned positions)."""
+        return self.config.position == "rope"
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -225,12 +315,21 @@ class GPT(nn.Module):
 
     def _embed(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         T = idx.size(1)
+        tok_emb = self.token_embedding_table(idx)  # (B, T, C)
+        if self.position_embedding_table is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            return self.drop(tok_emb)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
-        tok_emb = self.token_embedding_table(idx)  # (B, T, C)
         pos_emb = self.position_embedding_table(pos)  # (T, C)
         return self.drop(tok_emb + pos_emb)  # (B, T, C)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.ln_f(x))  # (..., V)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -238,7 +337,7 @@ class GPT(nn.Module):
         x = self._embed(idx, 0)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        logits = self._logits(x)  # (B, T, V)
         if targets is None:
             return logits, None
         # float() so that under bf16 autocast the softmax and the loss are still computed in float32.
@@ -248,15 +347,16 @@ class GPT(nn.Module):
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         """Last-position logits (B, V) for new tokens `idx` (B, T) that follow the cached ones.
 
-        `cache=None` starts a new cache (the prompt's "prefill"); it holds at most block_size tokens.
+        `cache=None` starts a new cache (the prompt's "prefill"); it holds at most block_size tokens
+        (a RoPE model's cache then slides, see `KVCache`).
         """
         if cache is None:
             cache = KVCache(self.config, idx.size(0), idx.device, self.token_embedding_table.weight.dtype)
-        x = self._embed(idx, cache.length)
+        x = self._embed(idx, cache.position)
         for layer, block in enumerate(self.blocks):
             x = block.forward_cached(x, cache, layer)
-        cache.length += idx.size(1)
-        logits = self.lm_head(self.ln_f(x[:, -1, :]))  # (B, V)
+        cache.advance(idx.size(1))
+        logits = self._logits(x[:, -1, :])  # (B, V)
         return logits, cache
 
 
