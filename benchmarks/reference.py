@@ -9,6 +9,8 @@ project's own kernels and recipe add over the obvious code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,13 +58,38 @@ class ReferenceGPT(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(idx.size(1), device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# nanoGPT's documented CPU recipe (its README, "I only have a macbook"), on the shakespeare_char config.
+NANOGPT_CPU_RECIPE = dict(
+    block_size=64,
+    batch_size=12,
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    dropout=0.0,
+    max_iters=2000,
+    learning_rate=1e-3,
+    min_lr=1e-4,
+    warmup_iters=100,
+    weight_decay=0.1,
+    grad_clip=1.0,
+)
+
+
+def nanogpt_lr(step: int, r: dict = NANOGPT_CPU_RECIPE) -> float:
+    """nanoGPT's schedule: linear warm-up, cosine decay to min_lr at max_iters."""
+    if step < r["warmup_iters"]:
+        return r["learning_rate"] * (step + 1) / (r["warmup_iters"] + 1)
+    progress = (step - r["warmup_iters"]) / (r["max_iters"] - r["warmup_iters"])
+    return r["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (r["learning_rate"] - r["min_lr"])
 
 
 def reference_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

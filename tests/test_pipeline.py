@@ -80,10 +80,8 @@ def env(tmp_path_factory) -> dict[str, str]:
     return keep | identity | {"HOME": str(home), "DVC_NO_ANALYTICS": "1", "PYTHONHASHSEED": "0"}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, env) -> Path:
-    """A copy of this project, tiny params, a corpus made here, committed, with one `dvc repro` done."""
-    base = tmp_path_factory.mktemp("e2e")
+def make_project(base: Path, corpus_text: str, env: dict[str, str]) -> Path:
+    """A copy of this project under `base`, tiny params, `corpus_text` as its corpus, git-committed."""
     project = base / "charlm"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "tmp", "cache")
     for name in ("charlm", "stages", ".dvc"):
@@ -92,7 +90,7 @@ def project(tmp_path_factory, env) -> Path:
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, project / name)
     corpus = base / "corpus.txt"
-    corpus.write_text(make_corpus(300), encoding="utf-8")
+    corpus.write_text(corpus_text, encoding="utf-8")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"] = {"url": str(corpus), "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}
     for section, values in TINY.items():
@@ -101,11 +99,49 @@ def project(tmp_path_factory, env) -> Path:
     run(["git", "init", "-q", "-b", "main"], project, env)
     run(["git", "add", "-A"], project, env)
     run(["git", "commit", "-qm", "tiny project"], project, env)
+    return project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, env) -> Path:
+    """A copy of this project, tiny params, a corpus made here, committed, with one `dvc repro` done."""
+    project = make_project(tmp_path_factory.mktemp("e2e"), make_corpus(300), env)
     first = dvc("repro", project, env)
     assert ran_stages(first.stdout) == ALL_STAGES, first.stdout
     run(["git", "add", "-A"], project, env)
     run(["git", "commit", "-qm", "reference run"], project, env)
     return project
+
+
+def _no_newline(n: int, alphabet: str, seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+ODD_CORPORA = {
+    # a DNA-like single line: no newline, 4 characters
+    "no-newline": _no_newline(6000, "ACGT", 0),
+    # 300 printable characters (past one byte: int16 tokens), no newline
+    "300-characters": _no_newline(20000, "".join(chr(c) for c in range(0x100, 0x100 + 300)), 1),
+    # one character repeated: a vocabulary of one
+    "one-character": "a" * 5000,
+}
+
+
+@pytest.mark.parametrize("kind", list(ODD_CORPORA))
+def test_any_corpus_runs_end_to_end_with_the_default_prompt(tmp_path, env, kind):
+    text = ODD_CORPORA[kind]
+    project = make_project(tmp_path, text, env)
+    out = dvc("repro", project, env)
+    assert ran_stages(out.stdout) == ALL_STAGES, out.stdout
+    start = "\n" if "\n" in text else min(text)  # the empty prompt's rule: newline, else token 0
+    for model in ("bigram", "gpt"):
+        sample = (project / f"samples/{model}.txt").read_text(encoding="utf-8")
+        assert len(sample) == 1 + TINY["sample"]["max_new_tokens"] and sample[0] == start
+        assert set(sample) <= set(text)
+    assert (project / "metrics/loss_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_every_stage_wrote_its_outputs(project):
@@ -119,7 +155,7 @@ def test_every_stage_wrote_its_outputs(project):
         curve = (project / f"metrics/curves/{model}.csv").read_text().splitlines()
         assert curve[0] == "step,train_loss,val_loss" and len(curve) >= 3
         sample = (project / f"samples/{model}.txt").read_text()
-        assert len(sample) == 1 + TINY["sample"]["max_new_tokens"]  # the "\n" prompt plus the new text
+        assert len(sample) == 1 + TINY["sample"]["max_new_tokens"]  # the newline it starts from plus the new text
         assert (project / f"models/{model}.pt").is_file()
     assert (project / "metrics/loss_curves.png").read_bytes().startswith(b"\x89PNG")
     bigram = json.loads((project / "metrics/bigram.json").read_text())
