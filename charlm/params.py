@@ -278,6 +278,24 @@ def parse_params(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, list | dict):
+                continue  # unhashable keys are refused later as unknown keys
+            if key in seen:
+                raise ParamsError(
+                    f"{key!s}: given twice (lines {seen[key]} and {line}) in the same section; keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
@@ -287,7 +305,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (OSError, UnicodeDecodeError) as e:
         raise ParamsError(f"{path}: cannot be read ({e})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

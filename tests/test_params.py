@@ -1,5 +1,6 @@
 """params.yaml validation: every bad value is one clear line naming the key; YAML 1.1 quirks work."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,25 @@ def test_sample_precision_auto_is_int8_on_the_cpu_and_int8_is_refused_elsewhere(
     assert sample_precision("cpu", "float32") == "float32"
     with pytest.raises(UsageError, match="int8': runs on the CPU only, and the device is cuda"):
         sample_precision("cuda", "int8")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: 1\nseed: 2\n", "seed: given twice (lines 1 and 2)"),
+        ("gpt:\n  n_layer: 2\n  dropout: 0.1\n  n_layer: 3\n", "n_layer: given twice (lines 2 and 4)"),
+        ("sample:\n  top_k: 1\nsample:\n  top_k: 2\n", "sample: given twice (lines 1 and 3)"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=re.escape(message)) as info:
+        load_params(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_same_key_in_different_sections_is_fine(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("bigram:\n  max_iters: 5\ngpt:\n  max_iters: 7\n")
+    assert load_params(path).gpt.max_iters == 7
