@@ -6,6 +6,7 @@ tensors and plain containers, and every failure names the file and what to do ab
 
 from __future__ import annotations
 
+import io as _io
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -64,7 +65,11 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "vocab": "".join(ckpt.tokenizer.chars),
         "train_stats": ckpt.train_stats,
     }
-    io.write_with(path, lambda tmp: torch.save(payload, tmp))
+    # Serialised in memory first: torch.save on a full disk fails with an opaque RuntimeError of its
+    # zip writer, while a plain write raises the OSError (ENOSPC) that io turns into one clear line.
+    buffer = _io.BytesIO()
+    torch.save(payload, buffer)
+    io.write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(

@@ -2,17 +2,21 @@
 
 Every anticipated failure is a `CharlmError` whose message is one line naming the problem and the
 fix. Entry points print it as `<name>: error: ...` and exit non-zero: 2 for bad input (params,
-options, an absent device: `UsageError`), 1 otherwise. Anything else is a bug and keeps its
-traceback. SIGTERM is turned into SystemExit so the atomic writers' cleanup runs, as it does for
-Ctrl-C (KeyboardInterrupt).
+options, an absent device: `UsageError`), 1 otherwise. Anything else (a bug, or a fault nobody
+anticipated) is one line too, with a hint to re-run with CHARLM_DEBUG=1 for the traceback.
+SIGTERM is turned into SystemExit so the atomic writers' cleanup runs, as it does for Ctrl-C
+(KeyboardInterrupt).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+DEBUG_ENV = "CHARLM_DEBUG"
 
 
 class CharlmError(Exception):
@@ -49,5 +53,15 @@ def reported_errors(name: str) -> Iterator[None]:
     except CharlmError as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(
+            f"{name}: error: unexpected {type(e).__name__}: {first}; re-run with {DEBUG_ENV}=1 for the traceback",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,17 +1,39 @@
 """Atomic file writes: every output goes to a temp file beside its target, then `os.replace`.
 
-A stage killed half-way therefore never leaves a truncated file that DVC would then trust.
+A stage killed half-way therefore never leaves a truncated file that DVC would then trust. A write
+the operating system refuses (a full disk, a read-only directory) becomes one `OutputError` line
+naming the file and the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from charlm.errors import CharlmError
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space and re-run",
+    errno.EDQUOT: "the disk quota is used up; free some space and re-run",
+    errno.EROFS: "the file system is read-only; write the outputs somewhere writable",
+    errno.EACCES: "no permission to write there; fix the directory's permissions",
+    errno.EPERM: "no permission to write there; fix the directory's permissions",
+}
+
+
+class OutputError(CharlmError):
+    """An output that could not be written; nothing half-written is left behind."""
+
+
+def _output_error(target: Path, e: OSError) -> OutputError:
+    hint = _HINTS.get(e.errno, "check the path and re-run")
+    return OutputError(f"cannot write {target}: {e.strerror or e}; {hint}")
 
 
 def _umask() -> int:
@@ -24,8 +46,11 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path in the target's directory; rename it onto `path` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise _output_error(target, e) from None
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600; the output should get the permissions a plain open() would give it.
@@ -33,6 +58,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _output_error(target, e) from None
     except BaseException:
         # BaseException: KeyboardInterrupt (SIGINT) and SystemExit (our SIGTERM handler) must clean up too.
         tmp.unlink(missing_ok=True)

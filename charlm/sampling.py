@@ -27,6 +27,7 @@ from torch import nn
 
 from charlm.errors import UsageError
 from charlm.precision import sample_precision
+from charlm.quantize import quantize_int8
 from charlm.tokenizer import CharTokenizer
 
 if TYPE_CHECKING:
@@ -141,8 +142,6 @@ def sample_text(
     torch.manual_seed(seed)
     model = ckpt.build().to(device)
     if precision == "int8":
-        from charlm.quantize import quantize_int8
-
         model = quantize_int8(model)
     if on_start is not None:
         on_start(tokenizer.decode(ids), dropped)

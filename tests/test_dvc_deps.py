@@ -58,3 +58,36 @@ def test_stage_deps_are_exactly_its_imports(name, item):
     assert not imported - listed, f"dvc.yaml stage {name}: imported but not listed (stale cache): {imported - listed}"
     extra = listed - imported
     assert not extra, f"dvc.yaml stage {name}: listed but not imported (needless re-runs): {extra}"
+
+
+def test_no_hidden_lazy_imports():
+    # The probe above sees what importing a stage loads; an import inside a function would escape it.
+    # Allowed: the `charlm` command (no stage runs it), typing-only imports, and evaluate's bigram
+    # floor (the bigram module, which the probe loads for the bigram stages by the model's name).
+    import ast
+
+    allowed = {("charlm/cli.py", None), ("stages/evaluate.py", "charlm.models.bigram")}
+    found = []
+    for path in sorted([*ROOT.glob("charlm/**/*.py"), *ROOT.glob("stages/*.py")]):
+        rel = str(path.relative_to(ROOT))
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {id(n) for n in tree.body}
+        typing_only = {
+            id(inner)
+            for n in tree.body
+            if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+            for inner in ast.walk(n)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("charlm", "stages")):
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith(("charlm", "stages"))]
+            else:
+                continue
+            if id(node) in top or id(node) in typing_only or not names:
+                continue
+            if (rel, None) in allowed or any((rel, name) in allowed for name in names):
+                continue
+            found.append(f"{rel}:{node.lineno} imports {names} inside a function")
+    assert not found, found
