@@ -41,6 +41,7 @@ def main(
             "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),
             "val_bpc": round(val_loss / math.log(2), 5),
+            "overfit_gap": round(val_loss - train_loss, 5),  # val - train: how much is memorised
             "params": ckpt.n_params,
         }
         if model == "bigram":

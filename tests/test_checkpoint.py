@@ -88,3 +88,40 @@ def test_not_a_charlm_checkpoint(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_a_checkpoint_from_before_the_architecture_switches_still_loads(tmp_path):
+    # Checkpoints written before gpt.position/qk_norm/... existed have no such keys: they are the
+    # lecture's model, which is what the missing keys' defaults build.
+    model = gpt()
+    ckpt = make_checkpoint("gpt", model, TOK, {})
+    for key in ("position", "qk_norm", "mlp", "zero_init", "logit_softcap"):
+        del ckpt.config[key]
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, ckpt)
+    loaded = load_checkpoint(path).build()
+    idx = torch.randint(TOK.vocab_size, (1, 8))
+    assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
+
+
+def test_a_rope_checkpoint_round_trips_without_a_position_table(tmp_path):
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=TOK.vocab_size,
+        block_size=8,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        position="rope",
+        qk_norm=True,
+        mlp="relu2",
+        logit_softcap=5.0,
+    )
+    model = build_model("gpt", config)
+    path = tmp_path / "rope.pt"
+    save_checkpoint(path, make_checkpoint("gpt", model, TOK, {}))
+    ckpt = load_checkpoint(path)
+    assert not any("position_embedding" in name for name in ckpt.state_dict)
+    assert ckpt.config["position"] == "rope" and ckpt.config["logit_softcap"] == 5.0
+    idx = torch.randint(TOK.vocab_size, (1, 8))
+    assert torch.equal(ckpt.build()(idx)[0], model.eval()(idx)[0])

@@ -150,6 +150,7 @@ def test_every_stage_wrote_its_outputs(project):
     for model in ("bigram", "gpt"):
         metrics = json.loads((project / f"metrics/{model}.json").read_text())
         assert {"train_loss", "val_loss", "val_bpc", "params", "train_seconds", "tokens_per_second"} <= set(metrics)
+        assert metrics["overfit_gap"] == pytest.approx(metrics["val_loss"] - metrics["train_loss"], abs=2e-5)
         assert metrics["device"] == "cpu"
         assert 0 < metrics["val_loss"] < 10
         curve = (project / f"metrics/curves/{model}.csv").read_text().splitlines()

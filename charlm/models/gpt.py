@@ -191,7 +191,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.rope = config.position == "rope"
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
@@ -199,7 +198,9 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else None
 
-    def _heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         shape = (B, T, self.n_head, C // self.n_head)
@@ -209,17 +210,16 @@ class CausalSelfAttention(nn.Module):
             hs = (q.size(-1),)
             q = F.rms_norm(q, hs, self.q_norm.weight.to(q.dtype), self.q_norm.eps)
             k = F.rms_norm(k, hs, self.k_norm.weight.to(k.dtype), self.k_norm.eps)
-        if self.rope:
-            cos, sin = rope_angles(q.size(-1), start, T, x.device)  # (T, hs/2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # cos, sin: (T, hs/2)
         return q, k, v
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         B, nh, T, hs = y.shape
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, nh * hs)))  # (B, T, C)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        q, k, v = self._heads(x, rope)
         dropout_p = self.dropout if self.training else 0.0
         if explicit_attention(x):  # CPU bf16: faster than SDPA's kernel there; tests compare the two
             y = explicit_causal_attention(q, k, v, dropout_p)
@@ -227,9 +227,11 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
         return self._merge(y)
 
-    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward_cached(
+        self, x: torch.Tensor, cache: KVCache, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Attend from the new positions in `x` to the cached keys/values plus their own."""
-        q, k, v = self._heads(x, cache.position)
+        q, k, v = self._heads(x, rope)
         k, v = cache.append(layer, k, v)  # (B, nh, T_past + T, hs)
         T_new, T_all = q.size(2), k.size(2)
         if T_new == 1:
@@ -263,12 +265,14 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), rope)
         return x + self.mlp(self.ln2(x))
 
-    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
-        x = x + self.attn.forward_cached(self.ln1(x), cache, layer)
+    def forward_cached(
+        self, x: torch.Tensor, cache: KVCache, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln1(x), cache, layer, rope)
         return x + self.mlp(self.ln2(x))
 
 
@@ -285,6 +289,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._rope_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.apply(self._init_weights)
         # nanoGPT / GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual
         # stream's variance does not grow with depth.
@@ -326,6 +331,20 @@ class GPT(nn.Module):
         pos_emb = self.position_embedding_table(pos)  # (T, C)
         return self.drop(tok_emb + pos_emb)  # (B, T, C)
 
+    def _rope(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotation tables for positions [start, start+length), shared by every layer; None without RoPE.
+
+        Training always asks for the same window, so that one is kept (not in the state_dict)."""
+        if self.config.position != "rope":
+            return None
+        key = (start, length, device)
+        if key not in self._rope_cache:
+            tables = rope_angles(self.config.n_embd // self.config.n_head, start, length, device)
+            if start != 0:
+                return tables  # a generation step: positions move on every call
+            self._rope_cache[key] = tables
+        return self._rope_cache[key]
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.ln_f(x))  # (..., V)
         cap = self.config.logit_softcap
@@ -335,8 +354,9 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self._embed(idx, 0)
+        rope = self._rope(0, idx.size(1), idx.device)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         logits = self._logits(x)  # (B, T, V)
         if targets is None:
             return logits, None
@@ -353,8 +373,9 @@ class GPT(nn.Module):
         if cache is None:
             cache = KVCache(self.config, idx.size(0), idx.device, self.token_embedding_table.weight.dtype)
         x = self._embed(idx, cache.position)
+        rope = self._rope(cache.position, idx.size(1), idx.device)
         for layer, block in enumerate(self.blocks):
-            x = block.forward_cached(x, cache, layer)
+            x = block.forward_cached(x, cache, layer, rope)
         cache.advance(idx.size(1))
         logits = self._logits(x[:, -1, :])  # (B, V)
         return logits, cache
