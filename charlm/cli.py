@@ -77,6 +77,7 @@ def info(
     """Print a model card: type, config, parameter count, vocabulary and training metrics."""
     with reported_errors("charlm info"):
         from charlm.checkpoint import load_checkpoint
+        from charlm.precision import describe_cpu, sample_precision
 
         ckpt = load_checkpoint(checkpoint)
         card = {
@@ -86,6 +87,10 @@ def info(
             "vocab_size": ckpt.tokenizer.vocab_size,
             "config": ckpt.config,
             "training": ckpt.train_stats,
+            "this_machine": {
+                "cpu": describe_cpu(),
+                "sample_precision": f"auto = {sample_precision('cpu', 'auto')} on the cpu",
+            },
         }
         metrics_file = checkpoint.parent.parent / "metrics" / f"{ckpt.model_name}.json"
         if metrics_file.is_file():
@@ -101,7 +106,7 @@ def info(
         print(f"  vocabulary   {ckpt.tokenizer.vocab_size} characters")
         for key, value in ckpt.config.items():
             print(f"  {key:<12} {value}")
-        for section in ("training", "metrics"):
+        for section in ("training", "metrics", "this_machine"):
             if card.get(section):
                 print(f"  {section}:")
                 for key, value in card[section].items():
