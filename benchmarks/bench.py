@@ -372,7 +372,7 @@ def time_noop_repro() -> float | None:
 def find_data(data: Path | None) -> Path:
     for candidate in (data, os.environ.get("CHARLM_DATA_FILE"), ROOT / "data" / "input.txt"):
         if candidate and Path(candidate).is_file():
-            return Path(candidate)
+            return Path(candidate).resolve()  # the data stages run in a temp dir
     raise SystemExit("bench: no corpus: pass --data PATH, set CHARLM_DATA_FILE, or run `dvc repro download`")
 
 
