@@ -52,12 +52,18 @@ def micro_batches(cfg: TrainConfig, world_size: int, section: str = "gpt") -> tu
     return micro, per_process // micro
 
 
+def effective_warmup(cfg: TrainConfig) -> int:
+    """`warmup_iters`, but at most a tenth of the run: a short run still decays instead of only warming up."""
+    return min(cfg.warmup_iters, cfg.max_iters // 10)
+
+
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay from `learning_rate` to `learning_rate * min_lr_ratio`."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    span = max(1, cfg.max_iters - cfg.warmup_iters)
-    progress = min(1.0, (step - cfg.warmup_iters) / span)
+    warmup = effective_warmup(cfg)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    span = max(1, cfg.max_iters - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = cfg.learning_rate * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.learning_rate - floor) * (1.0 + math.cos(math.pi * progress))
 

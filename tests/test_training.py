@@ -128,7 +128,7 @@ def test_muon_updates_the_blocks_matrices_and_adamw_the_rest(splits):
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
     optimizer = make_optimizer(model, cfg, "cpu")
     muon, adamw = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -212,3 +212,12 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
     eval_gen = torch.Generator().manual_seed(0 + 1)  # train()'s eval batches: seed + 1
     losses = estimate_loss(averaged, {"train": tr, "val": va}, 16, 2, 8, eval_gen, "cpu")
     assert result.curve[-1].val_loss == pytest.approx(losses["val"], abs=1e-6)
+
+
+def test_a_smoke_run_shorter_than_the_warm_up_clamps_it():
+    # `dvc exp run -S gpt.max_iters=10` with the default warmup_iters (100) must just work.
+    cfg = GPTParams(learning_rate=1.0, min_lr_ratio=0.0, warmup_iters=100, max_iters=10)
+    lrs = [learning_rate_at(s, cfg) for s in range(10)]
+    assert lrs[0] == 1.0 and lrs[-1] < lrs[1]  # one step of warm-up, then the cosine decay
+    long = GPTParams(learning_rate=1.0, warmup_iters=100, max_iters=2000)
+    assert learning_rate_at(49, long) == pytest.approx(0.5)  # a long run keeps its full warm-up
