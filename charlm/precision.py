@@ -136,17 +136,19 @@ def sample_precision(device: torch.device | str, requested: str) -> str:
     return requested
 
 
-def explicit_attention(x: torch.Tensor) -> bool:
-    """Whether attention on `x` should use the explicit softmax(QK^T)V ops instead of SDPA.
+def explicit_attention(x: torch.Tensor, dropout_p: float = 0.0) -> bool:
+    """Whether attention on `x` should use the explicit softmax(QK^T)V ops instead of SDPA, on a CPU.
 
-    Under CPU bf16 autocast (which `autocast_dtype` grants only where bf16 is native) torch's SDPA
-    CPU kernel is slower than the explicit ops (README "Performance"); in float32 SDPA is faster.
+    Two cases, each measured (README "Performance"): under CPU bf16 autocast (which `autocast_dtype`
+    grants only where bf16 is native) torch's SDPA CPU kernel is slower than the explicit ops; and
+    with attention dropout SDPA's CPU path draws a float Bernoulli mask over the (B, nh, T, T)
+    weights, where the explicit path draws one random byte per weight. Otherwise (float32, no
+    dropout: inference, the default recipe) SDPA's fused kernel is the faster one.
     """
-    return (
-        x.device.type == "cpu"
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    )
+    if x.device.type != "cpu":
+        return False
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return bf16 or dropout_p > 0
 
 
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

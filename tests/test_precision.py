@@ -81,9 +81,10 @@ def test_explicit_precisions_and_other_devices():
         autocast_dtype("cpu", "fp16")
 
 
-def test_explicit_attention_only_under_cpu_bf16_autocast():
+def test_explicit_attention_under_cpu_bf16_autocast_or_with_attention_dropout():
     x = torch.zeros(2, 3)
-    assert not explicit_attention(x)
+    assert not explicit_attention(x)  # float32 inference and the default recipe: SDPA's fused kernel
+    assert explicit_attention(x, dropout_p=0.2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert explicit_attention(x)
 

@@ -221,3 +221,12 @@ def test_a_smoke_run_shorter_than_the_warm_up_clamps_it():
     assert lrs[0] == 1.0 and lrs[-1] < lrs[1]  # one step of warm-up, then the cosine decay
     long = GPTParams(learning_rate=1.0, warmup_iters=100, max_iters=2000)
     assert learning_rate_at(49, long) == pytest.approx(0.5)  # a long run keeps its full warm-up
+
+
+def test_rope_float32_training_after_an_evaluation_without_a_weight_average(splits):
+    # Regression: the evaluation at step 0 runs in inference mode; with no weight average it uses the
+    # trained model itself, whose cached RoPE tables must still be usable by the backward pass.
+    _, result = train_gpt(
+        splits, position="rope", precision="float32", ema_decay=0.0, max_iters=3, eval_interval=1, dropout=0.1
+    )
+    assert len(result.curve) == 4

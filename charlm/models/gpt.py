@@ -221,7 +221,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q, k, v = self._heads(x, rope)
         dropout_p = self.dropout if self.training else 0.0
-        if explicit_attention(x):  # CPU bf16: faster than SDPA's kernel there; tests compare the two
+        if explicit_attention(x, dropout_p):  # CPU bf16, or CPU dropout: see the rule; tests compare the two
             y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
@@ -339,7 +339,10 @@ class GPT(nn.Module):
             return None
         key = (start, length, device)
         if key not in self._rope_cache:
-            tables = rope_angles(self.config.n_embd // self.config.n_head, start, length, device)
+            # Made outside inference mode even when first asked for by an evaluation: an inference
+            # tensor kept here would break the next training step's backward.
+            with torch.inference_mode(False):
+                tables = rope_angles(self.config.n_embd // self.config.n_head, start, length, device)
             if start != 0:
                 return tables  # a generation step: positions move on every call
             self._rope_cache[key] = tables
