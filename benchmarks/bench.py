@@ -24,8 +24,9 @@ from pathlib import Path
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
-# The lecture's size and training settings, on params.yaml's recipe otherwise. Two micro-batches of
-# 32 keep the activations of a 64 x 256 batch under 4 GB (the same optimizer step).
+# The lecture's size and training settings, on params.yaml's architecture, optimizer and precision
+# otherwise (what `dvc exp run -S gpt.n_layer=6 ...` gives a user). Two micro-batches of 32: the same
+# optimizer step as one batch of 64, with half the activations.
 LECTURE_GPT = dict(
     n_layer=6,
     n_head=6,
