@@ -24,9 +24,10 @@ from pathlib import Path
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
-# The lecture's size and training settings, on params.yaml's architecture, optimizer and precision
-# otherwise (what `dvc exp run -S gpt.n_layer=6 ...` gives a user). Two micro-batches of 32: the same
-# optimizer step as one batch of 64, with half the activations.
+# The lecture's model (its size and architecture: what nanoGPT's code and `benchmarks/reference.py`
+# build) and training settings, on params.yaml's optimizer and precision. Two micro-batches of 32: the
+# same optimizer step as one batch of 64, with half the activations.
+LECTURE_ARCH = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0)
 LECTURE_GPT = dict(
     n_layer=6,
     n_head=6,
@@ -36,6 +37,7 @@ LECTURE_GPT = dict(
     micro_batch_size=32,
     dropout=0.2,
     learning_rate=3e-4,
+    **LECTURE_ARCH,
 )
 NANOGPT_CPU_VAL = 1.886  # nanoGPT's documented CPU recipe: best val loss after 2000 steps, 91 s here
 # A short run of the default GPT (params.yaml's architecture) for time-to-quality: the params a user
