@@ -148,14 +148,12 @@ def download(
                 else:
                     size = _fetch_http(source, dst, cfg, digest)
                 actual = digest.hexdigest()
-                if via_env and actual != sha256:
+                if sha256 and actual != sha256:
                     raise DownloadError(
                         f"the local copy {DATA_FILE_ENV}={source} is not the pinned corpus: sha256 {actual}, "
                         f"data.sha256 {sha256}; point {DATA_FILE_ENV} at the right file or unset it"
-                    )
-                if sha256 and actual != sha256:
-                    raise DownloadError(
-                        f"sha256 mismatch: expected {sha256}, got {actual} ({size:,} bytes); "
+                        if via_env
+                        else f"sha256 mismatch: expected {sha256}, got {actual} ({size:,} bytes); "
                         "wrong file, or set data.sha256 to pin the new content"
                     )
             if not sha256:

@@ -105,6 +105,7 @@ def _generate_recompute(model, idx, max_new_tokens, temperature, top_k, generato
 def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, on_token):
     block_size = model.context_size
     keep = max(1, block_size // 2)
+    slides = getattr(model, "cache_slides", False)  # a RoPE cache slides past block_size; see module docstring
     logits, cache = model.forward_cached(idx[:, -block_size:], None)
     for i in range(max_new_tokens):
         next_id = sample_next(logits, temperature, top_k, generator).to(idx.device)
@@ -113,7 +114,7 @@ def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, 
             on_token(next_id)
         if i == max_new_tokens - 1:
             break
-        if cache.length >= block_size and not getattr(model, "cache_slides", False):
+        if cache.length >= block_size and not slides:
             logits, cache = model.forward_cached(idx[:, -keep:], None)  # re-prefill: see module docstring
         else:
             logits, cache = model.forward_cached(next_id, cache)

@@ -6,7 +6,7 @@ import typer
 
 from charlm import io
 from charlm.checkpoint import load_checkpoint
-from charlm.device import configure_threads, resolve_device, seed_everything
+from charlm.device import configure_threads, resolve_device
 from charlm.errors import reported_errors
 from charlm.params import load_params
 from charlm.precision import sample_precision
@@ -27,7 +27,6 @@ def main(
         configure_threads(p.threads)
         tokenizer = CharTokenizer.load(vocab)
         ckpt = load_checkpoint(checkpoint, expected_model=model, tokenizer=tokenizer)
-        seed_everything(p.seed)
         text, _ = sample_text(ckpt, p.sample, device, p.seed)
         io.write_text(out, text)
         precision = sample_precision(device, p.sample.precision)

@@ -1,5 +1,6 @@
 """Faults outside the user's params: a full disk, an unwritable output, an unexpected exception.
-Each is one line naming the file or the cause, a non-zero exit, and nothing half-written."""
+Each is one line naming the file or the cause, a non-zero exit, and nothing half-written. (The train
+stage on a real full disk is in test_stages.py, beside its fixtures.)"""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ import errno
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from charlm import io
 from charlm.errors import DEBUG_ENV, reported_errors
 from charlm.io import OutputError
-from tests.test_stages import TINY_GPT, TRAIN_ARGS, prepared, stage, write_params  # noqa: F401 - fixture
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch):
@@ -43,31 +42,6 @@ def test_an_unexpected_exception_is_one_line_with_a_debug_hint(capsys, monkeypat
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(KeyError), reported_errors("train@gpt"):
         {}["missing"]
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs: a real full disk for the train stage's checkpoint (needs root and mount)."""
-    where = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:80]})")
-    yield where
-    subprocess.run(["umount", str(where)], check=False)
-
-
-def test_the_train_stage_on_a_full_disk(prepared, tmp_path, tiny_disk):  # noqa: F811
-    write_params(tmp_path / "p.yaml", gpt=TINY_GPT | {"max_iters": 2, "n_embd": 64, "n_head": 2})
-    args = [a if a != "models/gpt.pt" else str(tiny_disk / "gpt.pt") for a in TRAIN_ARGS]
-    proc = stage("train", "gpt", *args, "--params", str(tmp_path / "p.yaml"), cwd=prepared)
-    assert proc.returncode == 1, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line or "Traceback" in line]
-    assert len(errors) == 1 and errors[0].startswith("train@gpt: error: cannot write"), proc.stderr
-    assert "gpt.pt: No space left on device; the disk is full" in errors[0]
-    assert list(tiny_disk.iterdir()) == []
-    for path in (prepared / "curves").glob("*"):
-        path.unlink()
 
 
 def test_charlm_command_reports_unexpected_errors_in_one_line(tmp_path):

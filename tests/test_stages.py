@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,28 @@ def test_encode_rejects_non_utf8(tmp_path):
     proc = stage("encode", "--text", "input.txt", "--vocab", "v.json", "--tokens", "t.bin", cwd=tmp_path)
     assert proc.returncode == 1 and "not UTF-8 text" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs: a real full disk for the train stage's checkpoint (needs root and mount)."""
+    where = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:80]})")
+    yield where
+    subprocess.run(["umount", str(where)], check=False)
+
+
+def test_the_train_stage_on_a_full_disk(prepared, tmp_path, tiny_disk):
+    write_params(tmp_path / "p.yaml", gpt=TINY_GPT | {"max_iters": 2, "n_embd": 64, "n_head": 2})
+    args = [a if a != "models/gpt.pt" else str(tiny_disk / "gpt.pt") for a in TRAIN_ARGS]
+    proc = stage("train", "gpt", *args, "--params", str(tmp_path / "p.yaml"), cwd=prepared)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("train@gpt: error: cannot write"), proc.stderr
+    assert "gpt.pt: No space left on device; the disk is full" in errors[0]
+    assert list(tiny_disk.iterdir()) == []
+    for path in (prepared / "curves").glob("*"):
+        path.unlink()
