@@ -83,7 +83,8 @@ def train(
     """Train in place. `on_progress(step, max_iters, loss, tokens_per_s)` gets the loss as a device
     tensor: reading it is a host sync, so callers read it only when they print.
 
-    With `ema_decay` > 0 the curve measures the weight average and the model ends holding it.
+    The curve measures the weights being trained and, with `ema_decay` > 0, also the weight average,
+    which the model ends holding (the checkpoint saves it).
 
     Under torchrun (`dist.world_size` > 1) the model is wrapped in DDP; every process draws its own
     batches; only the main process evaluates, so only it has a curve.
@@ -100,7 +101,6 @@ def train(
     optimizer = make_optimizer(model, cfg, device)
     # Only the main process evaluates and saves, so only it needs the average.
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None
-    evaluated = average.model if average is not None else model
     batch_gen = torch.Generator().manual_seed(seed + 7919 * dist.rank)  # each process its own batches
     eval_gen_seed = seed + 1  # fixed eval batches: every point of the curve is measured on the same text
     splits = {"train": train_data, "val": val_data}
@@ -108,18 +108,17 @@ def train(
     tokens_per_step = cfg.batch_size * cfg.block_size
     train_seconds = 0.0
 
+    def estimate(net: nn.Module) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(eval_gen_seed)
+        return estimate_loss(net, splits, cfg.block_size, cfg.eval_iters, cfg.batch_size, generator, device, amp)
+
     def evaluate(step: int) -> None:
-        losses = estimate_loss(
-            evaluated,
-            splits,
-            cfg.block_size,
-            cfg.eval_iters,
-            cfg.batch_size,
-            torch.Generator().manual_seed(eval_gen_seed),
-            device,
-            amp,
-        )
-        point = CurvePoint(step, losses["train"], losses["val"])
+        trained = estimate(model)
+        if average is None:
+            point = CurvePoint.without_average(step, trained["train"], trained["val"])
+        else:
+            saved = estimate(average.model)
+            point = CurvePoint(step, trained["train"], trained["val"], saved["train"], saved["val"])
         curve.append(point)
         if on_eval is not None:
             on_eval(point)

@@ -12,7 +12,7 @@ import typer
 from charlm import distributed
 from charlm.batches import load_tokens
 from charlm.checkpoint import make_checkpoint, save_checkpoint
-from charlm.curves import write_curve
+from charlm.curves import CurvePoint, write_curve
 from charlm.device import configure_threads, resolve_device, seed_everything
 from charlm.errors import reported_errors
 from charlm.models import build_model, config_for, count_params
@@ -28,7 +28,7 @@ def main(
     val_tokens: Path = typer.Option(..., "--val", help="The validation tokens from `split`."),
     vocab: Path = typer.Option(..., help="The vocabulary from `encode`."),
     checkpoint: Path = typer.Option(..., help="Output: the trained model."),
-    curve: Path = typer.Option(..., help="Output: the loss curve (CSV: step, train_loss, val_loss)."),
+    curve: Path = typer.Option(..., help="Output: the loss curve CSV, rewritten at each evaluation."),
     params: Path = typer.Option(Path("params.yaml"), help="The params file."),
 ) -> None:
     with reported_errors(f"train@{model}"):
@@ -61,9 +61,15 @@ def main(
                 print(f"train@{model}: {count_params(net):,} parameters on {where}, {cfg.max_iters} steps", flush=True)
             progress = Progress(model)
             on_progress = progress.on_progress if dist.is_main else None
-            result = train(
-                net, splits["train"], splits["val"], cfg, device, p.seed, on_progress, progress.on_eval, dist, model
-            )
+            points = []
+
+            def on_eval(point: CurvePoint) -> None:
+                # Rewritten whole at each evaluation, so `dvc plots show` can follow a running stage.
+                points.append(point)
+                write_curve(curve, points)
+                progress.on_eval(point)
+
+            result = train(net, splits["train"], splits["val"], cfg, device, p.seed, on_progress, on_eval, dist, model)
         finally:
             distributed.destroy_process_group()
         if not dist.is_main:
@@ -77,7 +83,6 @@ def main(
             "steps": cfg.max_iters,
         }
         save_checkpoint(checkpoint, make_checkpoint(model, net, tokenizer, stats))
-        write_curve(curve, result.curve)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import make_corpus
 
@@ -154,11 +155,17 @@ def test_every_stage_wrote_its_outputs(project):
         assert metrics["device"] == "cpu"
         assert 0 < metrics["val_loss"] < 10
         curve = (project / f"metrics/curves/{model}.csv").read_text().splitlines()
-        assert curve[0] == "step,train_loss,val_loss" and len(curve) >= 3
+        assert curve[0] == "step,train_loss,val_loss,saved_train_loss,saved_val_loss" and len(curve) >= 3
         sample = (project / f"samples/{model}.txt").read_text()
         assert len(sample) == 1 + TINY["sample"]["max_new_tokens"]  # the newline it starts from plus the new text
         assert (project / f"models/{model}.pt").is_file()
     assert (project / "metrics/loss_curves.png").read_bytes().startswith(b"\x89PNG")
+    # Each panel's title quotes its model's exact metrics, as `dvc metrics show` prints them.
+    with Image.open(project / "metrics/loss_curves.png") as png:
+        titles = png.text["Title"].split(" | ")
+    for model, title in zip(("bigram", "gpt"), titles, strict=True):
+        metrics = json.loads((project / f"metrics/{model}.json").read_text())
+        assert title.startswith(f"{model}: val_loss {metrics['val_loss']:.4f}, train_loss {metrics['train_loss']:.4f}")
     bigram = json.loads((project / "metrics/bigram.json").read_text())
     assert bigram["val_loss_floor"] > 0
 

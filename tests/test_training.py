@@ -194,8 +194,9 @@ def test_bigram_has_no_matrices_for_muon():
 
 def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
     """With ema_decay the model ends holding the decay-weighted average of every step's weights,
-    the initial ones included, and the curve measures that average. A constant learning rate makes
-    a k-step run the first k steps of a longer one, so each step's weights come from a shorter run."""
+    the initial ones included; the curve measures both the trained weights and that average. A
+    constant learning rate makes a k-step run the first k steps of a longer one, so each step's
+    weights come from a shorter run."""
     vocab_size, tr, va = splits
     decay = 0.6
     constant = dict(dropout=0.0, warmup_iters=0, min_lr_ratio=1.0, optimizer="muon", eval_interval=4)
@@ -211,7 +212,23 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
         assert not torch.allclose(value, steps[-1][name]), name
     eval_gen = torch.Generator().manual_seed(0 + 1)  # train()'s eval batches: seed + 1
     losses = estimate_loss(averaged, {"train": tr, "val": va}, 16, 2, 8, eval_gen, "cpu")
-    assert result.curve[-1].val_loss == pytest.approx(losses["val"], abs=1e-6)
+    assert result.curve[-1].saved_val_loss == pytest.approx(losses["val"], abs=1e-6)
+    last = build_model("gpt", dict(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    last.load_state_dict(steps[-1])
+    eval_gen = torch.Generator().manual_seed(0 + 1)
+    trained = estimate_loss(last, {"train": tr, "val": va}, 16, 2, 8, eval_gen, "cpu")
+    assert result.curve[-1].val_loss == pytest.approx(trained["val"], abs=1e-6)
+    assert result.curve[-1].train_loss == pytest.approx(trained["train"], abs=1e-6)
+
+
+def test_curve_shows_the_trained_weights_ahead_of_the_lagging_average_early_on(splits):
+    _, result = train_gpt(splits, max_iters=40, eval_interval=10, ema_decay=0.95, dropout=0.0)
+    early = result.curve[1]  # step 10: the average still holds 0.95**10 = 60% of the initial weights
+    assert early.val_loss < early.saved_val_loss and early.train_loss < early.saved_train_loss
+    _, plain = train_gpt(splits, max_iters=40, eval_interval=10, ema_decay=0.0, dropout=0.0)
+    assert all((p.saved_train_loss, p.saved_val_loss) == (p.train_loss, p.val_loss) for p in plain.curve)
+    # The same seed trains the same weights whether or not an average is kept beside them.
+    assert [p.val_loss for p in plain.curve] == [p.val_loss for p in result.curve]
 
 
 def test_a_smoke_run_shorter_than_the_warm_up_clamps_it():
