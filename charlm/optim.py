@@ -122,7 +122,11 @@ class MuonAdamW:
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
         self.optimizers = (muon, adamw)
-        self.param_groups = muon.param_groups + adamw.param_groups
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: an optimizer's load_state_dict replaces its group dicts (a resumed run).
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:

@@ -200,6 +200,7 @@ class Params:
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     nproc: int = 1  # data-parallel training processes on this machine (torchrun + DDP when > 1)
+    save_state_every_seconds: float = 60.0  # the train stage's resumable state (charlm/resume.py); 0 = never
     data: DataParams = field(default_factory=DataParams)
     split: SplitParams = field(default_factory=SplitParams)
     bigram: BigramParams = field(default_factory=BigramParams)
@@ -211,6 +212,12 @@ class Params:
         _check(bool(_DEVICE_RE.match(self.device)), "device", self.device, "must be cpu, cuda, cuda:N, mps or auto")
         _check(0 <= self.threads <= 1024, "threads", self.threads, "must be in [0, 1024] (0 = torch's default)")
         _check(1 <= self.nproc <= 256, "nproc", self.nproc, "must be in [1, 256] (1 = plain single process)")
+        _check(
+            self.save_state_every_seconds >= 0,
+            "save_state_every_seconds",
+            self.save_state_every_seconds,
+            "must be >= 0 (0 = never save a resumable state)",
+        )
 
     def model(self, name: str) -> BigramParams | GPTParams:
         if name not in MODEL_NAMES:

@@ -35,16 +35,18 @@ class Progress:
         self.log_every = log_every
         self._last = 0.0
         self._last_log = time.monotonic()
+        self._start: tuple[int, float] | None = None  # (step, time) of the first report: a resumed run starts late
 
     def _status(self, step: int, total: int, loss: torch.Tensor | None, tokens_per_s: float) -> str:
-        eta = (total - step) / max(step, 1) * (time.monotonic() - self._start) if step else 0.0
+        first_step, started = self._start or (step, time.monotonic())
+        eta = (total - step) / max(step - first_step + 1, 1) * (time.monotonic() - started)
         loss_text = f" loss {loss.item():.4f}" if loss is not None else ""
         return f"{self.label} step {step}/{total}{loss_text} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
 
     def on_progress(self, step: int, total: int, loss: torch.Tensor | None, tokens_per_s: float) -> None:
         now = time.monotonic()
-        if step == 1:
-            self._start = now
+        if self._start is None:
+            self._start = (step - 1, now)
         if self.tty:
             if now - self._last >= self.bar_every or step == total:
                 self._last = now

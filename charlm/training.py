@@ -20,9 +20,10 @@ from charlm.curves import CurvePoint
 from charlm.device import synchronize
 from charlm.distributed import Distributed
 from charlm.evaluation import estimate_loss
-from charlm.optim import WeightAverage, make_optimizer
+from charlm.optim import MuonAdamW, WeightAverage, make_optimizer
 from charlm.params import ParamsError, TrainConfig
 from charlm.precision import autocast_context, autocast_dtype
+from charlm.resume import TrainingState, capture_randomness, restore_randomness
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def train(
     on_eval: Callable[[CurvePoint], None] | None = None,
     dist: Distributed = Distributed(),
     section: str = "gpt",
+    resume: TrainingState | None = None,
+    save_state: Callable[[TrainingState], None] | None = None,
+    save_every_seconds: float = 0.0,
 ) -> TrainResult:
     """Train in place. `on_progress(step, max_iters, loss, tokens_per_s)` gets the loss as a device
     tensor: reading it is a host sync, so callers read it only when they print.
@@ -88,10 +92,16 @@ def train(
 
     Under torchrun (`dist.world_size` > 1) the model is wrapped in DDP; every process draws its own
     batches; only the main process evaluates, so only it has a curve.
+
+    With `save_state`, the main process hands it the whole training state every `save_every_seconds`
+    (every process must pass one: they all contribute their random streams); `resume` continues
+    from such a state, to the same result as a run never interrupted.
     """
     amp = autocast_dtype(device, cfg.precision)
     micro, accum_steps = micro_batches(cfg, dist.world_size, section)
     model.to(device)
+    if resume is not None:
+        model.load_state_dict(resume.model)
     model.train()
     net = model
     if dist.world_size > 1:
@@ -107,6 +117,35 @@ def train(
     curve: list[CurvePoint] = []
     tokens_per_step = cfg.batch_size * cfg.block_size
     train_seconds = 0.0
+    optimizers = optimizer.optimizers if isinstance(optimizer, MuonAdamW) else (optimizer,)
+    start_step = 0
+    if resume is not None:
+        for opt, state in zip(optimizers, resume.optimizer, strict=True):
+            opt.load_state_dict(state)
+        if average is not None:
+            average.model.load_state_dict(resume.average)
+        restore_randomness(resume.randomness[dist.rank], batch_gen, device)
+        curve, train_seconds, start_step = list(resume.curve), resume.train_seconds, resume.step
+    last_save = time.monotonic()
+
+    def snapshot(steps_done: int) -> None:
+        streams = [capture_randomness(batch_gen, device)]
+        if dist.world_size > 1:
+            import torch.distributed as torch_dist
+
+            streams = [None] * dist.world_size
+            torch_dist.all_gather_object(streams, capture_randomness(batch_gen, device))
+        if dist.is_main:
+            state = TrainingState(
+                step=steps_done,
+                model=model.state_dict(),
+                optimizer=[opt.state_dict() for opt in optimizers],
+                average=average.model.state_dict() if average is not None else None,
+                randomness=streams,
+                curve=list(curve),
+                train_seconds=train_seconds,
+            )
+            save_state(state)
 
     def estimate(net: nn.Module) -> dict[str, float]:
         generator = torch.Generator().manual_seed(eval_gen_seed)
@@ -125,7 +164,7 @@ def train(
 
     synchronize(device)
     started = time.perf_counter()
-    for step in range(cfg.max_iters):
+    for step in range(start_step, cfg.max_iters):
         if step % cfg.eval_interval == 0 and dist.is_main:
             synchronize(device)
             train_seconds += time.perf_counter() - started
@@ -147,6 +186,14 @@ def train(
         optimizer.step()
         if average is not None:
             average.update(model)
+        if save_state is not None and step + 1 < cfg.max_iters and _agreed(
+            time.monotonic() - last_save >= save_every_seconds, dist, device
+        ):
+            synchronize(device)
+            train_seconds += time.perf_counter() - started
+            snapshot(step + 1)
+            last_save = time.monotonic()
+            started = time.perf_counter()
         if on_progress is not None:
             elapsed = train_seconds + time.perf_counter() - started
             on_progress(step + 1, cfg.max_iters, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9))
@@ -162,3 +209,14 @@ def train(
         tokens_per_second=cfg.max_iters * tokens_per_step / max(train_seconds, 1e-9),
         precision="float32" if amp is None else str(amp).removeprefix("torch."),
     )
+
+
+def _agreed(decision: bool, dist: Distributed, device: str) -> bool:
+    """The main process's decision, on every process (a state save is a collective step)."""
+    if dist.world_size == 1:
+        return decision
+    import torch.distributed as torch_dist
+
+    flag = torch.tensor([int(decision)], device=device if device.startswith("cuda") else "cpu")
+    torch_dist.broadcast(flag, src=0)
+    return bool(flag.item())

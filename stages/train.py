@@ -1,8 +1,11 @@
 """Stage `train@<model>`: train the bigram or the GPT on the train split, with the loss curve.
 
 With `nproc` > 1 the stage re-launches itself under torchrun (DDP); only rank 0 writes outputs.
+Every `save_state_every_seconds` it saves a resumable state (charlm/resume.py); a re-run after an
+interruption continues from it.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import torch
 import typer
 
 from charlm import distributed
+from charlm import resume as saved
 from charlm.batches import load_tokens
 from charlm.checkpoint import make_checkpoint, save_checkpoint
 from charlm.curves import CurvePoint, write_curve
@@ -17,6 +21,7 @@ from charlm.device import configure_threads, resolve_device, seed_everything
 from charlm.errors import reported_errors
 from charlm.models import build_model, config_for, count_params
 from charlm.params import ParamsError, load_params
+from charlm.precision import native_bf16
 from charlm.progress import Progress
 from charlm.tokenizer import CharTokenizer
 from charlm.training import micro_batches, train
@@ -31,7 +36,8 @@ def main(
     curve: Path = typer.Option(..., help="Output: the loss curve CSV, rewritten at each evaluation."),
     params: Path = typer.Option(Path("params.yaml"), help="The params file."),
 ) -> None:
-    with reported_errors(f"train@{model}"):
+    stage = f"train@{model}"
+    with reported_errors(stage):
         p = load_params(params)
         cfg = p.model(model)
         device = resolve_device(p.device)
@@ -49,6 +55,30 @@ def main(
                 raise ParamsError(
                     f"{model}.block_size = {cfg.block_size}: must be shorter than the {name} split ({len(data)} tokens)"
                 )
+        key = saved.state_key(
+            {
+                "stage": stage,
+                "params": {"seed": p.seed, "device": device, "nproc": p.nproc, model: dataclasses.asdict(cfg)},
+                "data": {path.name: saved.file_sha256(path) for path in (train_tokens, val_tokens, vocab)},
+                "code": saved.code_fingerprint(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),  # float sums round differently per thread count
+                "native_bf16": native_bf16(device),
+            }
+        )
+        state_dir = saved.default_state_dir()
+        state_file = saved.state_path(state_dir, stage, Path.cwd(), key)
+        resume_from, found = None, saved.find_state(state_dir, key)
+        if found is not None:
+            try:
+                resume_from = saved.load_state(found, key)
+            except saved.StateError as e:
+                if dist.is_main:
+                    print(f"{stage}: warning: ignoring the saved state {found}: {e}; starting from step 0", flush=True)
+                    found.unlink(missing_ok=True)
+        if dist.is_main:
+            saved.remove_stale_states(state_dir, state_file)
+
         seed_everything(p.seed)
         net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
         if dist.rank:
@@ -58,10 +88,13 @@ def main(
         try:
             if dist.is_main:
                 where = f"{dist.world_size} processes" if dist.world_size > 1 else device
-                print(f"train@{model}: {count_params(net):,} parameters on {where}, {cfg.max_iters} steps", flush=True)
+                print(f"{stage}: {count_params(net):,} parameters on {where}, {cfg.max_iters} steps", flush=True)
+                if resume_from is not None:
+                    step, total = resume_from.step, cfg.max_iters
+                    print(f"{stage}: resuming from step {step:,} of {total:,} ({found})", flush=True)
             progress = Progress(model)
             on_progress = progress.on_progress if dist.is_main else None
-            points = []
+            points = list(resume_from.curve) if resume_from is not None else []
 
             def on_eval(point: CurvePoint) -> None:
                 # Rewritten whole at each evaluation, so `dvc plots show` can follow a running stage.
@@ -69,7 +102,30 @@ def main(
                 write_curve(curve, points)
                 progress.on_eval(point)
 
-            result = train(net, splits["train"], splits["val"], cfg, device, p.seed, on_progress, on_eval, dist, model)
+            def save_state(state: saved.TrainingState) -> None:
+                saved.save_state(state_file, state, key)
+
+            try:
+                result = train(
+                    net,
+                    splits["train"],
+                    splits["val"],
+                    cfg,
+                    device,
+                    p.seed,
+                    on_progress,
+                    on_eval,
+                    dist,
+                    model,
+                    resume=resume_from,
+                    save_state=save_state if p.save_state_every_seconds > 0 else None,
+                    save_every_seconds=p.save_state_every_seconds,
+                )
+            except BaseException:
+                # A curve without its checkpoint is not an output (DVC deletes it before a re-run anyway).
+                if dist.is_main:
+                    curve.unlink(missing_ok=True)
+                raise
         finally:
             distributed.destroy_process_group()
         if not dist.is_main:
@@ -83,6 +139,9 @@ def main(
             "steps": cfg.max_iters,
         }
         save_checkpoint(checkpoint, make_checkpoint(model, net, tokenizer, stats))
+        for done in {state_file, found}:
+            if done is not None:
+                done.unlink(missing_ok=True)  # finished: nothing left to resume
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ ENV_PREFIXES = ("CHARLM_", "DVC_", "TORCH_", "ATEN_", "ONEDNN_", "DNNL_", "MKL_"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def isolated_environment():
-    """Session-wide, so it is in force before any module-scoped fixture starts a stage."""
+def isolated_environment(tmp_path_factory):
+    """Session-wide, so it is in force before any module-scoped fixture starts a stage. Resumable
+    training states go to the session's temp directory, not the user's cache."""
     with pytest.MonkeyPatch.context() as mp:
         for key in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
             mp.delenv(key)
         mp.setenv("DVC_NO_ANALYTICS", "1")
+        mp.setenv("CHARLM_STATE_DIR", str(tmp_path_factory.mktemp("train-state")))
         yield
 
 WORDS = (

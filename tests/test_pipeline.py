@@ -11,11 +11,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -357,3 +360,82 @@ def test_share_through_a_dvc_remote(project, env, tmp_path):
     dvc("exp run -S sample.temperature=0.5 -n from-clone", clone, env)
     dvc("exp push origin from-clone", clone, env)
     assert "from-clone" in dvc("exp list", project, env).stdout
+
+
+RESUMABLE = {"gpt": {"max_iters": 600, "eval_interval": 100}, "save_state_every_seconds": 0.05}
+
+
+def resumable_project(base: Path, env: dict[str, str]) -> Path:
+    project = make_project(base, make_corpus(300), env)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["gpt"] |= RESUMABLE["gpt"]
+    params["save_state_every_seconds"] = RESUMABLE["save_state_every_seconds"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "longer gpt, frequent states"], project, env)
+    return project
+
+
+def kill_training_mid_run(project: Path, env: dict[str, str], states: Path) -> None:
+    """`dvc repro` until the GPT's training has saved a state, then kill -9 its train process."""
+    import psutil
+
+    repro = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=project, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    curve = project / "metrics/curves/gpt.csv"
+    # Mid-run: past the evaluation at step 200 (the live curve shows it), states saved since.
+    while time.monotonic() < deadline and not (curve.exists() and "\n200," in curve.read_text()):
+        time.sleep(0.02)
+    time.sleep(0.2)
+    trainers = [
+        p for p in psutil.Process(repro.pid).children(recursive=True) if "stages.train" in " ".join(p.cmdline())
+    ]
+    assert trainers, "the GPT's training ended before it could be killed"
+    for p in trainers:
+        p.send_signal(signal.SIGKILL)
+    assert repro.wait(timeout=120) != 0
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def without_timings(metrics_file: Path) -> dict:
+    metrics = json.loads(metrics_file.read_text())
+    return {k: v for k, v in metrics.items() if k not in ("train_seconds", "tokens_per_second")}
+
+
+def test_training_killed_under_dvc_resumes_to_the_uninterrupted_result(tmp_path, env):
+    states = tmp_path / "states"
+    env = env | {"CHARLM_STATE_DIR": str(states)}
+    whole = resumable_project(tmp_path / "whole", env | {"CHARLM_STATE_DIR": str(tmp_path / "other-states")})
+    dvc("repro", whole, env | {"CHARLM_STATE_DIR": str(tmp_path / "other-states")})
+
+    project = resumable_project(tmp_path / "killed", env)
+    kill_training_mid_run(project, env, states)
+    (state,) = states.glob("train-gpt-*.pt")
+    kept = state.read_bytes()
+
+    # A changed param does not resume the state: it starts from step 0 and supersedes it.
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    changed = yaml.safe_load(original)
+    changed["gpt"]["learning_rate"] = 0.002
+    params_file.write_text(yaml.safe_dump(changed, sort_keys=False))
+    out = dvc("repro train@gpt", project, env).stdout
+    assert "train@gpt: " in out and "resuming" not in out
+    assert not state.exists()  # superseded: its params changed
+    params_file.write_text(original)
+
+    state.write_bytes(kept)
+    out = dvc("repro", project, env).stdout
+    resumed_at = int(re.search(r"train@gpt: resuming from step ([\d,]+) of 600", out).group(1).replace(",", ""))
+    assert 200 < resumed_at < 600
+    assert list(states.glob("*.pt")) == []  # finished: nothing left to resume
+    a, b = checkpoint_tensors(whole / "models/gpt.pt"), checkpoint_tensors(project / "models/gpt.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timings(project / "metrics/gpt.json") == without_timings(whole / "metrics/gpt.json")
+    assert (project / "metrics/curves/gpt.csv").read_text() == (whole / "metrics/curves/gpt.csv").read_text()

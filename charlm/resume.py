@@ -1,0 +1,183 @@
+"""Saved training state, so an interrupted train stage resumes instead of starting again.
+
+The train stage saves everything the loop needs to continue exactly (weights, optimizer state with
+Muon's momentum, the weight average, each process's random generators, the step, the curve so far)
+every `save_state_every_seconds`. A resumed run ends with the same checkpoint and metrics as one
+never interrupted, on the same CPU and thread count.
+
+Where: outside the workspace, in `$CHARLM_STATE_DIR` or `~/.cache/charlm/train-state`. DVC deletes
+a stage's outputs before it runs it (a `persist` output would survive, but it disables DVC's
+run-cache for the stage), and `dvc exp run --queue` runs each experiment in a throw-away copy of
+the workspace; a directory of its own survives both. Each state is named by a key over everything
+the result depends on (the params the stage reads, the data's hashes, the source of every project
+module it imported, torch's version, the thread count and the CPU's bf16 class), so a changed param
+or edited code never resumes a stale state: it simply finds none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from charlm import io
+from charlm.curves import CurvePoint
+from charlm.errors import CharlmError
+
+FORMAT = "charlm-train-state-v1"
+STALE_AFTER_SECONDS = 14 * 24 * 3600  # a state nobody resumed in two weeks is removed
+
+
+class StateError(CharlmError):
+    """A saved state that cannot be trusted: unreadable, truncated, or for another run."""
+
+
+@dataclass
+class TrainingState:
+    """The training loop after `step` optimizer steps: enough to continue it bit for bit."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: list[dict[str, Any]]  # one state_dict per optimizer (Muon and AdamW)
+    average: dict[str, torch.Tensor] | None  # the weight average's state_dict, if one is kept
+    randomness: list[dict[str, torch.Tensor]]  # one per process, by rank: see `capture_randomness`
+    curve: list[CurvePoint]
+    train_seconds: float
+
+
+def capture_randomness(batch_generator: torch.Generator, device: str) -> dict[str, torch.Tensor]:
+    """This process's random streams: its batch sampler, torch's CPU generator (dropout on the CPU)
+    and the accelerator's generator (dropout there)."""
+    streams = {"batches": batch_generator.get_state(), "cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        streams["device"] = torch.cuda.get_rng_state(device)
+    elif device == "mps":
+        streams["device"] = torch.mps.get_rng_state()
+    return streams
+
+
+def restore_randomness(streams: Mapping[str, torch.Tensor], batch_generator: torch.Generator, device: str) -> None:
+    batch_generator.set_state(streams["batches"])
+    torch.set_rng_state(streams["cpu"])
+    if device.startswith("cuda"):
+        torch.cuda.set_rng_state(streams["device"], device)
+    elif device == "mps":
+        torch.mps.set_rng_state(streams["device"])
+
+
+def state_key(parts: Mapping[str, Any]) -> str:
+    """A hex digest of everything a training result depends on (JSON-able values)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_fingerprint(packages: Iterable[str] = ("charlm", "stages")) -> dict[str, str]:
+    """sha256 of the source of every loaded module of these packages: the code that ran."""
+    wanted = tuple(packages)
+    found = {}
+    for name, module in sorted(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and name.split(".", 1)[0] in wanted and path.endswith(".py"):
+            found[name] = file_sha256(path)
+    return found
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("CHARLM_STATE_DIR"):
+        return Path(env["CHARLM_STATE_DIR"])
+    cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return cache / "charlm" / "train-state"
+
+
+def state_path(directory: Path, stage: str, workspace: Path, key: str) -> Path:
+    """`<stage>-<workspace>-<key>.pt`: the key finds a state from any workspace (a queued experiment
+    runs in a fresh copy); the workspace part lets a new run supersede its own older states."""
+    where = hashlib.sha256(str(workspace.resolve()).encode()).hexdigest()[:12]
+    return directory / f"{stage.replace('@', '-')}-{where}-{key}.pt"
+
+
+def find_state(directory: Path, key: str) -> Path | None:
+    """The newest saved state with this key, from any workspace."""
+    found = sorted(directory.glob(f"*-{key}.pt"), key=lambda p: p.stat().st_mtime) if directory.is_dir() else []
+    return found[-1] if found else None
+
+
+def remove_stale_states(directory: Path, current: Path, now: float | None = None) -> list[Path]:
+    """Remove this stage's and workspace's states for other keys (a changed param or code made them
+    unreachable) and any state older than two weeks. States of other workspaces (parallel queued
+    experiments) are left alone unless that old."""
+    if not directory.is_dir():
+        return []
+    now = time.time() if now is None else now
+    own_prefix = current.name.rsplit("-", 1)[0] + "-"
+    removed = []
+    for path in directory.glob("*.pt"):
+        if path == current:
+            continue
+        try:
+            stale = path.name.startswith(own_prefix) or now - path.stat().st_mtime > STALE_AFTER_SECONDS
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # a sibling removed it first, or it is not ours to remove
+    return removed
+
+
+def save_state(path: str | Path, state: TrainingState, key: str) -> None:
+    """Atomically: serialised in memory, then written to a temp file and renamed into place."""
+    payload = {
+        "format": FORMAT,
+        "key": key,
+        "step": state.step,
+        "model": state.model,
+        "optimizer": state.optimizer,
+        "average": state.average,
+        "randomness": state.randomness,
+        "curve": [[p.step, p.train_loss, p.val_loss, p.saved_train_loss, p.saved_val_loss] for p in state.curve],
+        "train_seconds": state.train_seconds,
+    }
+    buffer = _io.BytesIO()
+    torch.save(payload, buffer)
+    io.write_bytes(path, buffer.getbuffer())
+
+
+def load_state(path: str | Path, key: str) -> TrainingState:
+    """The state saved at `path`, or `StateError` saying why it cannot be trusted."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage bytes, an unsafe pickle: never trusted
+        raise StateError(f"unreadable ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise StateError("not a charlm training state")
+    if payload.get("key") != key:
+        raise StateError("saved for other params, data or code")
+    try:
+        return TrainingState(
+            step=int(payload["step"]),
+            model=payload["model"],
+            optimizer=list(payload["optimizer"]),
+            average=payload["average"],
+            randomness=list(payload["randomness"]),
+            curve=[CurvePoint(int(row[0]), *map(float, row[1:])) for row in payload["curve"]],
+            train_seconds=float(payload["train_seconds"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise StateError(f"incomplete ({e})") from None
