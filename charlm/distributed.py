@@ -8,6 +8,8 @@ torchrun worker; for several machines, start the stage under torchrun yourself (
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 from charlm.errors import CharlmError, UsageError
@@ -71,3 +73,18 @@ def destroy_process_group() -> None:
 
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def die_with_launcher() -> None:
+    """Make this worker die when its launcher does (Linux). torchrun starts each worker in a
+    process group of its own, so a kill -9 of the stage would otherwise leave the workers training,
+    and writing outputs after DVC has recorded the stage as failed."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != launcher:  # it died before the line above took effect
+        os._exit(1)

@@ -91,11 +91,13 @@ def code_fingerprint(packages: Iterable[str] = ("charlm", "stages")) -> dict[str
     """sha256 of the source of every loaded module of these packages: the code that ran."""
     wanted = tuple(packages)
     found = {}
-    for name, module in sorted(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if path and name.split(".", 1)[0] in wanted and path.endswith(".py"):
+    for module in list(sys.modules.values()):
+        # The spec's name, not the sys.modules key: `python -m stages.train` runs as `__main__`.
+        spec = getattr(module, "__spec__", None)
+        name, path = getattr(spec, "name", None), getattr(module, "__file__", None)
+        if name and path and name.split(".", 1)[0] in wanted and path.endswith(".py"):
             found[name] = file_sha256(path)
-    return found
+    return dict(sorted(found.items()))
 
 
 def default_state_dir(env: Mapping[str, str] | None = None) -> Path:

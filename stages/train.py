@@ -46,6 +46,8 @@ def main(
             distributed.relaunch_under_torchrun(p.nproc, "stages.train", sys.argv[1:])
             return
         dist = distributed.Distributed.from_env()
+        if dist.world_size > 1:
+            distributed.die_with_launcher()
         device = distributed.worker_device(device, dist)
         configure_threads(p.threads)
         tokenizer = CharTokenizer.load(vocab)
@@ -55,6 +57,9 @@ def main(
                 raise ParamsError(
                     f"{model}.block_size = {cfg.block_size}: must be shorter than the {name} split ({len(data)} tokens)"
                 )
+        seed_everything(p.seed)
+        net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
+        # After the model is built, so its module (imported by name) is among the code in the key.
         key = saved.state_key(
             {
                 "stage": stage,
@@ -79,8 +84,6 @@ def main(
         if dist.is_main:
             saved.remove_stale_states(state_dir, state_file)
 
-        seed_everything(p.seed)
-        net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
         if dist.rank:
             torch.manual_seed(p.seed + 7919 * dist.rank)  # its own dropout masks; DDP copies rank 0's weights
         if dist.world_size > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,3 +82,46 @@ def test_bad_nproc_split_fails_before_launch(prepared, tmp_path):  # noqa: F811
     proc = stage("train", "gpt", *train_args("bad"), "--params", str(tmp_path / "bad.yaml"), cwd=prepared)
     assert proc.returncode == 2 and "gpt.batch_size = 8: must be divisible by nproc (3)" in proc.stderr
     assert "torchrun" not in proc.stderr.lower() and torch is not None
+
+
+def test_two_processes_resume_after_a_kill_to_the_uninterrupted_result(prepared, tmp_path):  # noqa: F811
+    """Rank 0 writes the state with every rank's random streams; each rank restores its own (dropout
+    on, so a rank with rank 0's streams would draw other masks)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = TINY_GPT | {"max_iters": 300, "eval_interval": 50, "dropout": 0.1, "optimizer": "muon"}
+    write_params(tmp_path / "p.yaml", gpt=config, nproc=2, save_state_every_seconds=0.05)
+    args = ["gpt", *train_args("whole"), "--params", str(tmp_path / "p.yaml")]
+    whole = stage("train", *args, cwd=prepared, env=os.environ | {"CHARLM_STATE_DIR": str(tmp_path / "a")})
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    states = tmp_path / "b"
+    env = os.environ | {"CHARLM_STATE_DIR": str(states), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    args = ["gpt", *train_args("resumed"), "--params", str(tmp_path / "p.yaml")]
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", *args],
+        cwd=prepared,
+        env=env,
+        start_new_session=True,  # its own process group: torchrun and both workers
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    curve, deadline = prepared / "out/resumed.csv", time.monotonic() + 120
+    while time.monotonic() < deadline and not (curve.exists() and "\n100," in curve.read_text()):
+        time.sleep(0.02)
+    time.sleep(0.1)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert len(list(states.glob("*.pt"))) == 1
+
+    resumed = stage("train", *args, cwd=prepared, env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "train@gpt: resuming from step" in resumed.stdout
+    a = load_checkpoint(prepared / "out/whole.pt", expected_model="gpt").state_dict
+    b = load_checkpoint(prepared / "out/resumed.pt", expected_model="gpt").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_curve(prepared / "out/whole.csv") == read_curve(prepared / "out/resumed.csv")

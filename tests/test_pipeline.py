@@ -90,8 +90,11 @@ def make_project(base: Path, corpus_text: str, env: dict[str, str]) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "tmp", "cache")
     for name in ("charlm", "stages", ".dvc"):
         shutil.copytree(ROOT / name, project / name, ignore=ignore)
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+    # The outputs' .gitignore files too, as a clone has them: after an interrupted `dvc repro` DVC
+    # had not written the entries of the stages that did finish, and git would pick those outputs up.
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/.gitignore", "models/.gitignore"):
         if (ROOT / name).exists():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, project / name)
     corpus = base / "corpus.txt"
     corpus.write_text(corpus_text, encoding="utf-8")
@@ -439,3 +442,22 @@ def test_training_killed_under_dvc_resumes_to_the_uninterrupted_result(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert without_timings(project / "metrics/gpt.json") == without_timings(whole / "metrics/gpt.json")
     assert (project / "metrics/curves/gpt.csv").read_text() == (whole / "metrics/curves/gpt.csv").read_text()
+
+    # A queued experiment runs in a fresh copy of the workspace: it finds the state by its key. (A new
+    # save interval re-runs the train stages for DVC; it is not part of the key: the result is the same.)
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-qm", "resumed run"], project, env)
+    state.write_bytes(kept)
+    dvc("exp run --queue -n resumed -S save_state_every_seconds=0.06", project, env)
+    dvc("queue start", project, env)
+    deadline = time.monotonic() + 300
+    while "Success" not in (status := dvc("queue status", project, env).stdout) and time.monotonic() < deadline:
+        assert "Failed" not in status, dvc("queue logs resumed", project, env, check=False).stdout
+        time.sleep(1)
+    dvc("queue stop", project, env, check=False)
+    assert "train@gpt: resuming from step" in dvc("queue logs resumed", project, env).stdout
+    assert list(states.glob("*.pt")) == []
+    dvc("exp apply resumed", project, env)
+    b = checkpoint_tensors(project / "models/gpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timings(project / "metrics/gpt.json") == without_timings(whole / "metrics/gpt.json")

@@ -20,8 +20,8 @@ from tests.conftest import make_corpus
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def stage(name: str, *args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+def stage(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    env = (os.environ if env is None else env) | {"PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", f"stages.{name}", *args],
         cwd=cwd,
