@@ -18,6 +18,7 @@ from torch import nn
 
 from charlm import io
 from charlm.errors import CharlmError
+from charlm.memory import available_memory, check_fits
 from charlm.models import MODEL_NAMES, build_model
 from charlm.tokenizer import CharTokenizer
 
@@ -79,6 +80,9 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train one with `dvc repro`")
+    # The loaded weights, the model built from them and a sampling copy (int8 or on a device): ~3x the file.
+    needed = 3 * path.stat().st_size
+    check_fits(needed, available_memory("cpu"), f"{path}: loading it", "use a machine with more memory")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -7,6 +7,7 @@ The loop never reads a value back from the device except when it logs or evaluat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from charlm.curves import CurvePoint
 from charlm.device import synchronize
 from charlm.distributed import Distributed
 from charlm.evaluation import estimate_loss
-from charlm.optim import MuonAdamW, WeightAverage, make_optimizer
+from charlm.memory import TrainingMemory, available_memory, check_fits, count_on_meta, training_memory
+from charlm.optim import MuonAdamW, WeightAverage, hidden_matrices, make_optimizer
 from charlm.params import ParamsError, TrainConfig
 from charlm.precision import autocast_context, autocast_dtype
 from charlm.resume import TrainingState, capture_randomness, restore_randomness
@@ -51,6 +53,32 @@ def micro_batches(cfg: TrainConfig, world_size: int, section: str = "gpt") -> tu
             f"({cfg.batch_size} / nproc {world_size} = {per_process})"
         )
     return micro, per_process // micro
+
+
+def check_training_memory(
+    section: str, cfg: TrainConfig, build: Callable[[], nn.Module], device: str, world_size: int
+) -> TrainingMemory:
+    """Refuse, in one line naming the params, a training run that cannot fit; else the estimate.
+
+    `build` makes the model (on torch's meta device here: nothing is allocated). On a CPU the
+    `world_size` processes share the machine's memory; on CUDA each has its own GPU.
+    """
+    n_params, n_muon = count_on_meta(build, hidden_matrices)
+    with torch.device("meta"):
+        config = dataclasses.asdict(build().config)
+    micro = cfg.micro_batch_size or cfg.batch_size // world_size
+    need = training_memory(n_params, n_muon, config, micro, cfg.optimizer, cfg.ema_decay > 0)
+    sharing = 1 if device.startswith("cuda") else world_size
+    sizes = ("n_embd", "n_layer", "n_head", "batch_size", "block_size")
+    named = ", ".join(f"{name} = {getattr(cfg, name)}" for name in sizes if hasattr(cfg, name))
+    each = f" x {sharing} processes" if sharing > 1 else ""
+    check_fits(
+        need.total * sharing,
+        available_memory(device),
+        f"{section}.{named}: training {n_params:,} parameters ({need.breakdown()}{each})",
+        "make the model or the batch smaller, or set micro_batch_size",
+    )
+    return need
 
 
 def effective_warmup(cfg: TrainConfig) -> int:

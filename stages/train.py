@@ -24,7 +24,7 @@ from charlm.params import ParamsError, load_params
 from charlm.precision import native_bf16
 from charlm.progress import Progress
 from charlm.tokenizer import CharTokenizer
-from charlm.training import micro_batches, train
+from charlm.training import check_training_memory, micro_batches, train
 
 
 def main(
@@ -41,16 +41,20 @@ def main(
         p = load_params(params)
         cfg = p.model(model)
         device = resolve_device(p.device)
-        if p.nproc > 1 and not distributed.under_torchrun():
-            micro_batches(cfg, p.nproc, model)  # a bad split of the batch fails here, before any launch
-            distributed.relaunch_under_torchrun(p.nproc, "stages.train", sys.argv[1:])
-            return
+        tokenizer = CharTokenizer.load(vocab)
+        if not distributed.under_torchrun():
+            # Before any allocation or launch: a bad split of the batch, or a run that cannot fit, stops here.
+            micro_batches(cfg, p.nproc, model)
+            config = config_for(model, cfg, tokenizer.vocab_size)
+            check_training_memory(model, cfg, lambda: build_model(model, config), device, p.nproc)
+            if p.nproc > 1:
+                distributed.relaunch_under_torchrun(p.nproc, "stages.train", sys.argv[1:])
+                return
         dist = distributed.Distributed.from_env()
         if dist.world_size > 1:
             distributed.die_with_launcher()
         device = distributed.worker_device(device, dist)
         configure_threads(p.threads)
-        tokenizer = CharTokenizer.load(vocab)
         splits = {"train": load_tokens(train_tokens, tokenizer.dtype), "val": load_tokens(val_tokens, tokenizer.dtype)}
         for name, data in splits.items():
             if cfg.block_size >= len(data):

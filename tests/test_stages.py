@@ -88,6 +88,8 @@ def leftovers(work: Path) -> list[Path]:
         ({"gpt": {"block_size": 100000}}, "gpt.block_size = 100000: must be shorter than the train split"),
         ({"device": "mps"}, "device = 'mps' is not available on this machine"),
         ({"gpt": {"n_embd": 30, "n_head": 4}}, "gpt.n_embd = 30: must be divisible by gpt.n_head (4)"),
+        # a typo of 1,000: refused in seconds, before anything is allocated
+        ({"gpt": {"n_embd": 10_000_000}}, "gpt.n_embd = 10000000, n_layer = 4, n_head = 4, batch_size = 32"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(prepared, tmp_path, params, message):

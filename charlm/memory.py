@@ -1,0 +1,148 @@
+"""Memory a run needs, estimated before anything is allocated, against the memory available.
+
+A typo such as `n_embd: 10000000` would otherwise allocate for half a minute and end in the kernel's
+out-of-memory killer (or swap) instead of a message. The estimate counts the parameters on torch's
+`meta` device (exact, nothing allocated), then adds what training keeps per parameter and the
+activations one micro-batch saves for the backward pass. The calibration test compares it with the
+measured peak of real runs (tests/test_memory.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from charlm.errors import UsageError
+
+FLOAT32 = 4
+
+
+class NotEnoughMemory(UsageError):
+    """A run that cannot fit in the memory this machine (or device) has."""
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes per process, by what holds them."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    average: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.average + self.activations
+
+    def breakdown(self) -> str:
+        parts = {
+            "weights": self.parameters,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "weight average": self.average,
+            "activations": self.activations,
+        }
+        return ", ".join(f"{name} {human(size)}" for name, size in parts.items() if size)
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(size) < 1000 or unit == "PB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def count_on_meta(
+    build: Callable[[], nn.Module], pick: Callable[[nn.Module], list[nn.Parameter]]
+) -> tuple[int, int]:
+    """(all parameters, those `pick` selects) of the model `build()` makes, without allocating it."""
+    with torch.device("meta"):
+        model: nn.Module = build()
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in pick(model))
+
+
+def training_memory(
+    n_params: int,
+    n_muon: int,
+    config: Mapping[str, object],
+    micro_batch: int,
+    optimizer: str,
+    weight_average: bool,
+) -> TrainingMemory:
+    """What one training process holds at its peak (float32 master weights whatever the autocast).
+
+    Activations per layer: ~19 activations of width n_embd per token (LayerNorms, QKV, attention
+    output, the 4x MLP before and after its activation, residuals) plus one attention matrix per head
+    (the explicit attention path keeps it; SDPA's is smaller), and the logits three times (logits,
+    soft-cap, log-softmax). The bigram has no blocks: its logits are all it keeps.
+    """
+    rows, tokens = micro_batch, int(config.get("block_size", 1))
+    width, heads, layers = int(config.get("n_embd", 0)), int(config.get("n_head", 0)), int(config.get("n_layer", 0))
+    vocab = int(config["vocab_size"])
+    # Each switch keeps a few more: RoPE the rotated queries and keys, QK-norm the normalised ones,
+    # ReLU^2 the ReLU's output besides its square (measured: tests/test_memory.py).
+    saved = 19 + 4 * (config.get("position") == "rope") + 2 * bool(config.get("qk_norm"))
+    saved += 4 * (config.get("mlp") == "relu2")
+    per_layer = saved * rows * tokens * width + rows * heads * tokens * tokens
+    activations = FLOAT32 * (layers * per_layer + 3 * rows * tokens * vocab + 2 * rows * tokens * width)
+    adam = n_params - n_muon if optimizer == "muon" else n_params
+    return TrainingMemory(
+        parameters=FLOAT32 * n_params,
+        gradients=FLOAT32 * n_params,
+        optimizer=FLOAT32 * (2 * adam + (n_muon if optimizer == "muon" else 0)),
+        average=FLOAT32 * n_params if weight_average else 0,
+        activations=activations,
+    )
+
+
+def mem_available_from(meminfo: str, cgroup_max: str | None = None, cgroup_current: str | None = None) -> int | None:
+    """MemAvailable from /proc/meminfo text, capped by a cgroup v2 limit (a container's) if any."""
+    available = None
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+    if cgroup_max and cgroup_max.strip().isdigit() and cgroup_current and cgroup_current.strip().isdigit():
+        room = int(cgroup_max) - int(cgroup_current)
+        available = room if available is None else min(available, room)
+    return available
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes this process could still allocate on `device`, or None where that cannot be known."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    if device == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    if sys.platform == "linux":
+        meminfo = _read("/proc/meminfo")
+        if meminfo:
+            return mem_available_from(
+                meminfo, _read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current")
+            )
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(needed: int, available: int | None, what: str, fix: str) -> None:
+    """Raise one line naming `what`, the estimate and the memory available when it cannot fit."""
+    if available is not None and needed > available:
+        raise NotEnoughMemory(f"{what} needs about {human(needed)} but {human(available)} is available; {fix}")
+

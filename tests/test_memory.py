@@ -1,0 +1,104 @@
+"""Memory estimates: checked against measured peaks, and a run that cannot fit is refused up front."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm import memory
+from charlm.models import build_model, config_for
+from charlm.params import GPTParams
+from charlm.training import check_training_memory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Trains 3 steps in a fresh process and prints (estimate, measured growth of peak RSS) in bytes.
+MEASURE = """
+import json, resource, sys
+import psutil, torch
+from charlm.models import build_model, config_for
+from charlm.params import GPTParams
+from charlm.training import check_training_memory, train
+from tests.conftest import token_splits
+torch.set_num_threads(1)
+vocab, tr, va = token_splits(2000)
+cfg = GPTParams(**json.loads(sys.argv[1]))
+config = config_for("gpt", cfg, vocab)
+estimate = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1).total
+before = psutil.Process().memory_info().rss
+train(build_model("gpt", config), tr, va, cfg, "cpu", 0)
+print(json.dumps([estimate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before]))
+"""
+
+SHORT = {"max_iters": 3, "eval_interval": 100, "eval_iters": 1}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # the default recipe's switches, Muon and a weight average, at a small width
+        {"position": "rope", "qk_norm": True, "mlp": "relu2", "optimizer": "muon", "ema_decay": 0.9, "n_embd": 128},
+        # the lecture's model, wider, float32 AdamW: weights and optimizer state weigh more
+        {"n_embd": 384, "n_head": 6, "n_layer": 2, "batch_size": 16, "block_size": 128, "precision": "float32"},
+    ],
+)
+def test_the_estimate_is_within_a_factor_of_the_measured_peak(config):
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(SHORT | config)],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    estimate, measured = json.loads(out.stdout.strip().splitlines()[-1])
+    assert measured > 50e6  # enough that the ratio means something
+    assert 0.6 < measured / estimate < 1.6, (estimate, measured)
+
+
+def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
+    cfg = GPTParams(n_embd=10_000_000)
+    config = config_for("gpt", cfg, 65)
+    with pytest.raises(memory.NotEnoughMemory) as e:
+        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1)
+    message = str(e.value)
+    assert message.startswith("gpt.n_embd = 10000000, n_layer = 4, n_head = 4, batch_size = 32, block_size = 128:")
+    assert "needs about 76.8 PB but" in message and "is available" in message and "\n" not in message
+
+
+def test_processes_on_one_cpu_share_its_memory(monkeypatch):
+    cfg = GPTParams(n_embd=256, n_head=4, batch_size=2, block_size=8)  # weights, not activations, dominate
+    config = config_for("gpt", cfg, 65)
+    one = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1).total
+    monkeypatch.setattr("charlm.training.available_memory", lambda device: int(1.5 * one))
+    check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1)
+    with pytest.raises(memory.NotEnoughMemory, match="x 2 processes"):
+        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 2)
+
+
+def test_available_memory_reads_meminfo_and_a_container_limit():
+    meminfo = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n"
+    assert memory.mem_available_from(meminfo) == 20000000 * 1024
+    assert memory.mem_available_from(meminfo, "4000000000\n", "1000000000\n") == 3000000000
+    assert memory.mem_available_from(meminfo, "max\n", "1000000000\n") == 20000000 * 1024
+    assert memory.available_memory("cpu") > 0  # this machine (Linux in CI)
+
+
+def test_charlm_sample_refuses_a_checkpoint_that_cannot_fit(tmp_path, monkeypatch):
+    from charlm.checkpoint import make_checkpoint, save_checkpoint
+    from charlm.cli import app
+    from charlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.fit("abc\n")
+    path = tmp_path / "gpt.pt"
+    model = build_model("gpt", dict(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(path, make_checkpoint("gpt", model, tok, {}))
+    monkeypatch.setattr("charlm.checkpoint.available_memory", lambda device: 1000)
+    result = CliRunner().invoke(app, ["sample", str(path), "-n", "5"])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(f"charlm sample: error: {path}: loading it needs about")
+    assert len(result.output.strip().splitlines()) == 1
