@@ -42,6 +42,12 @@ def main(
         cfg = p.model(model)
         device = resolve_device(p.device)
         tokenizer = CharTokenizer.load(vocab)
+        splits = {"train": load_tokens(train_tokens, tokenizer.dtype), "val": load_tokens(val_tokens, tokenizer.dtype)}
+        for name, data in splits.items():
+            if cfg.block_size >= len(data):
+                raise ParamsError(
+                    f"{model}.block_size = {cfg.block_size}: must be shorter than the {name} split ({len(data)} tokens)"
+                )
         if not distributed.under_torchrun():
             # Before any allocation or launch: a bad split of the batch, or a run that cannot fit, stops here.
             micro_batches(cfg, p.nproc, model)
@@ -55,12 +61,6 @@ def main(
             distributed.die_with_launcher()
         device = distributed.worker_device(device, dist)
         configure_threads(p.threads)
-        splits = {"train": load_tokens(train_tokens, tokenizer.dtype), "val": load_tokens(val_tokens, tokenizer.dtype)}
-        for name, data in splits.items():
-            if cfg.block_size >= len(data):
-                raise ParamsError(
-                    f"{model}.block_size = {cfg.block_size}: must be shorter than the {name} split ({len(data)} tokens)"
-                )
         seed_everything(p.seed)
         net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
         # After the model is built, so its module (imported by name) is among the code in the key.
