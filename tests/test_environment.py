@@ -18,7 +18,7 @@ def test_stage_tests_pass_with_a_hostile_shell_environment(tmp_path):
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "bad_input and batch_size",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "bad_input and params0",
          "tests/test_stages.py"],
         cwd=ROOT, env=os.environ | hostile, capture_output=True, text=True, timeout=600,
     )
