@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from charlm.errors import UsageError
+from charlm.params import DEVICE_FORMS, parse_device
 
 
 class DeviceError(UsageError, RuntimeError):
@@ -43,22 +44,17 @@ class Availability:
 
 def resolve_device(requested: str, available: Availability | None = None) -> str:
     """Map the `device` param to a concrete device string, or raise `DeviceError` naming what exists."""
+    parsed = parse_device(requested)
+    if parsed is None:
+        raise DeviceError(f"device = {requested!r}: must be {DEVICE_FORMS}")
+    kind, index = parsed
     available = Availability.probe() if available is None else available
-    if requested == "auto":
+    if kind == "auto":
         if available.cuda_count:
             return "cuda"
         return "mps" if available.mps else "cpu"
-    if requested == "cpu":
-        return "cpu"
-    if requested == "mps":
-        if available.mps:
-            return "mps"
-    elif requested == "cuda" or requested.startswith("cuda:"):
-        index = 0 if requested == "cuda" else int(requested.split(":", 1)[1])
-        if index < available.cuda_count:
-            return requested
-    else:
-        raise DeviceError(f"device = {requested!r}: must be cpu, cuda, cuda:N, mps or auto")
+    if kind == "cpu" or (kind == "mps" and available.mps) or (kind == "cuda" and (index or 0) < available.cuda_count):
+        return requested
     return _absent(requested, available)
 
 

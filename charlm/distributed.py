@@ -35,6 +35,12 @@ class Distributed:
         return cls(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Each process's own seed for its batches and dropout masks; rank 0 keeps `seed`, so it draws
+    what a single process would."""
+    return seed + 7919 * rank
+
+
 def under_torchrun(env: dict[str, str] | None = None) -> bool:
     return "WORLD_SIZE" in (os.environ if env is None else env)
 

@@ -28,7 +28,9 @@ OPTIMIZERS = ("adamw", "muon")
 SAMPLE_PRECISIONS = ("auto", "float32", "int8")
 GPT_POSITIONS = ("learned", "rope")
 GPT_MLPS = ("gelu", "relu2")
-_DEVICE_RE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
+# The `device` grammar, here and nowhere else (charlm.device resolves what it matches).
+DEVICE_GRAMMAR = re.compile(r"^(?P<kind>cpu|mps|auto|cuda)(:(?P<index>\d+))?$")
+DEVICE_FORMS = "cpu, cuda, cuda:N, mps or auto"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -126,8 +128,9 @@ class BigramParams(TrainConfig):
 
 
 @dataclass(frozen=True)
-class GPTParams(TrainConfig):
-    """The `gpt` section: training keys plus the architecture (see `charlm.models.gpt.GPTConfig`)."""
+class GPTArchitecture:
+    """The GPT's shape and switches: the `gpt` section's model keys and, with `vocab_size`, the model's
+    own config (`charlm.models.gpt.GPTConfig` extends it). The defaults are the lecture's model."""
 
     block_size: int = 128
     n_layer: int = 4
@@ -141,27 +144,34 @@ class GPTParams(TrainConfig):
     zero_init: bool = False  # the blocks' output projections start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
 
+    def check_architecture(self, prefix: str = "") -> None:
+        """The one set of rules, for params.yaml (`prefix` "gpt.") and for a model's config alike."""
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            _check(value > 0, f"{prefix}{name}", value, "must be a positive integer")
+        divisible = f"must be divisible by {prefix}n_head ({self.n_head})"
+        _check(self.n_embd % self.n_head == 0, f"{prefix}n_embd", self.n_embd, divisible)
+        _check(0.0 <= self.dropout < 1.0, f"{prefix}dropout", self.dropout, "must be in [0, 1)")
+        _check(self.position in GPT_POSITIONS, f"{prefix}position", self.position, f"must be one of {GPT_POSITIONS}")
+        _check(
+            self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+            f"{prefix}position",
+            self.position,
+            f"needs an even head size (n_embd / n_head = {self.n_embd / self.n_head:g})",
+        )
+        _check(self.mlp in GPT_MLPS, f"{prefix}mlp", self.mlp, f"must be one of {GPT_MLPS}")
+        _check(self.logit_softcap >= 0.0, f"{prefix}logit_softcap", self.logit_softcap, "must be >= 0 (0 = off)")
+
+
+@dataclass(frozen=True)
+class GPTParams(TrainConfig, GPTArchitecture):
+    """The `gpt` section: the training keys plus the architecture."""
+
+    block_size: int = 128  # both bases have it; the GPT's default, not TrainConfig's
+
     def __post_init__(self) -> None:
         self.check("gpt")
-        _check(self.position in GPT_POSITIONS, "gpt.position", self.position, f"must be one of {GPT_POSITIONS}")
-        _check(self.mlp in GPT_MLPS, "gpt.mlp", self.mlp, f"must be one of {GPT_MLPS}")
-        _check(self.logit_softcap >= 0.0, "gpt.logit_softcap", self.logit_softcap, "must be >= 0 (0 = off)")
-        _check(
-            self.position != "rope" or (self.n_embd // max(self.n_head, 1)) % 2 == 0,
-            "gpt.position",
-            self.position,
-            f"needs an even head size (n_embd / n_head = {self.n_embd / max(self.n_head, 1):g})",
-        )
-        for name in ("n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            _check(value > 0, f"gpt.{name}", value, "must be a positive integer")
-        _check(
-            self.n_embd % self.n_head == 0,
-            "gpt.n_embd",
-            self.n_embd,
-            f"must be divisible by gpt.n_head ({self.n_head})",
-        )
-        _check(0.0 <= self.dropout < 1.0, "gpt.dropout", self.dropout, "must be in [0, 1)")
+        self.check_architecture("gpt.")
 
 
 @dataclass(frozen=True)
@@ -209,7 +219,7 @@ class Params:
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer in [0, 2**63)")
-        _check(bool(_DEVICE_RE.match(self.device)), "device", self.device, "must be cpu, cuda, cuda:N, mps or auto")
+        _check(parse_device(self.device) is not None, "device", self.device, f"must be {DEVICE_FORMS}")
         _check(0 <= self.threads <= 1024, "threads", self.threads, "must be in [0, 1024] (0 = torch's default)")
         _check(1 <= self.nproc <= 256, "nproc", self.nproc, "must be in [1, 256] (1 = plain single process)")
         _check(
@@ -223,6 +233,14 @@ class Params:
         if name not in MODEL_NAMES:
             raise ParamsError(f"model {name!r}: must be one of {', '.join(MODEL_NAMES)}")
         return getattr(self, name)
+
+
+def parse_device(text: str) -> tuple[str, int | None] | None:
+    """`cuda:1` -> ("cuda", 1), `mps` -> ("mps", None); None for anything else (only cuda has an index)."""
+    match = DEVICE_GRAMMAR.match(text)
+    if match is None or (match["index"] is not None and match["kind"] != "cuda"):
+        return None
+    return match["kind"], None if match["index"] is None else int(match["index"])
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

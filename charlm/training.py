@@ -19,7 +19,7 @@ from torch import nn
 from charlm.batches import get_batch
 from charlm.curves import CurvePoint
 from charlm.device import synchronize
-from charlm.distributed import Distributed
+from charlm.distributed import Distributed, rank_seed
 from charlm.evaluation import estimate_loss
 from charlm.memory import TrainingMemory, available_memory, check_fits, count_on_meta, training_memory
 from charlm.optim import MuonAdamW, WeightAverage, hidden_matrices, make_optimizer
@@ -139,7 +139,7 @@ def train(
     optimizer = make_optimizer(model, cfg, device)
     # Only the main process evaluates and saves, so only it needs the average.
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None
-    batch_gen = torch.Generator().manual_seed(seed + 7919 * dist.rank)  # each process its own batches
+    batch_gen = torch.Generator().manual_seed(rank_seed(seed, dist.rank))  # each process its own batches
     eval_gen_seed = seed + 1  # fixed eval batches: every point of the curve is measured on the same text
     splits = {"train": train_data, "val": val_data}
     curve: list[CurvePoint] = []

@@ -89,7 +89,8 @@ def main(
             saved.remove_stale_states(state_dir, state_file)
 
         if dist.rank:
-            torch.manual_seed(p.seed + 7919 * dist.rank)  # its own dropout masks; DDP copies rank 0's weights
+            # Its own dropout masks; DDP copies rank 0's weights, so the initial ones do not matter.
+            torch.manual_seed(distributed.rank_seed(p.seed, dist.rank))
         if dist.world_size > 1:
             distributed.init_process_group(device)
         try:

@@ -91,3 +91,11 @@ def test_no_hidden_lazy_imports():
                 continue
             found.append(f"{rel}:{node.lineno} imports {names} inside a function")
     assert not found, found
+
+
+def test_every_matrix_lists_the_models_the_library_knows():
+    from charlm.params import MODEL_NAMES
+
+    matrices = {name: stage["matrix"]["model"] for name, stage in STAGES.items() if "matrix" in stage}
+    assert set(matrices) == {"train", "evaluate", "sample"}
+    assert all(tuple(models) == MODEL_NAMES for models in matrices.values()), matrices

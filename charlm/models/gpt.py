@@ -22,43 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.params import GPT_MLPS as MLPS
-from charlm.params import GPT_POSITIONS as POSITIONS
+from charlm.params import GPTArchitecture
 from charlm.precision import explicit_attention
 
 ROPE_BASE = 10000.0
 
 
-@dataclass(frozen=True)
-class GPTConfig:
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig(GPTArchitecture):
+    """The architecture (fields and rules in `charlm.params.GPTArchitecture`) plus the vocabulary size."""
+
     vocab_size: int
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    position: str = "learned"  # "learned" (the lecture's table) or "rope"
-    qk_norm: bool = False
-    mlp: str = "gelu"  # "gelu" (the lecture's) or "relu2"
-    zero_init: bool = False
-    logit_softcap: float = 0.0  # 0 = off
 
     def __post_init__(self) -> None:
-        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) <= 0:
-            raise ValueError(f"{self}: sizes must be positive")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd = {self.n_embd}: must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout = {self.dropout}: must be in [0, 1)")
-        if self.position not in POSITIONS:
-            raise ValueError(f"position = {self.position!r}: must be one of {POSITIONS}")
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"position = 'rope': head size {self.n_embd // self.n_head} must be even")
-        if self.mlp not in MLPS:
-            raise ValueError(f"mlp = {self.mlp!r}: must be one of {MLPS}")
-        if self.logit_softcap < 0:
-            raise ValueError(f"logit_softcap = {self.logit_softcap}: must be >= 0 (0 = off)")
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size = {self.vocab_size}: must be positive")
+        self.check_architecture()
 
 
 class KVCache:
