@@ -73,6 +73,9 @@ def sample(
 def info(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by the train stage."),
     as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
+    metrics: Path = typer.Option(
+        None, help="The evaluate stage's metrics JSON; default: the path dvc.yaml gives it for this model."
+    ),
 ) -> None:
     """Print a model card: type, config, parameter count, vocabulary and training metrics."""
     with reported_errors("charlm info"):
@@ -92,8 +95,8 @@ def info(
                 "sample_precision": f"auto = {sample_precision('cpu', 'auto')} on the cpu",
             },
         }
-        metrics_file = checkpoint.parent.parent / "metrics" / f"{ckpt.model_name}.json"
-        if metrics_file.is_file():
+        metrics_file = metrics or evaluate_metrics_path(Path("dvc.yaml"), ckpt.model_name)
+        if metrics_file is not None and metrics_file.is_file():
             try:
                 card["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -111,6 +114,19 @@ def info(
                 print(f"  {section}:")
                 for key, value in card[section].items():
                     print(f"    {key:<18} {value}")
+
+
+def evaluate_metrics_path(dvc_yaml: Path, model: str) -> Path | None:
+    """Where the pipeline's evaluate stage writes `model`'s metrics, read from dvc.yaml (which owns
+    that path), relative to the directory `charlm` runs in; None outside a charlm project."""
+    import yaml
+
+    try:
+        stage = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]["evaluate"]
+        (template,) = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage["metrics"]]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return dvc_yaml.parent / template.replace("${item.model}", model)
 
 
 def main() -> None:

@@ -36,20 +36,21 @@ class TrainResult:
     precision: str
 
 
-def micro_batches(cfg: TrainConfig, world_size: int, section: str = "gpt") -> tuple[int, int]:
+def micro_batches(cfg: TrainConfig, world_size: int, section: str = "") -> tuple[int, int]:
     """(rows per micro-batch, micro-batches per step) on each process.
 
     `batch_size` is the global batch of one optimizer step: it is split over the processes and, with
     `micro_batch_size`, accumulated over several forward/backward passes, so the optimisation is
-    the same whatever the process count.
+    the same whatever the process count. `section` names the params section in the error.
     """
+    key = f"{section}." if section else ""
     if cfg.batch_size % world_size:
-        raise ParamsError(f"{section}.batch_size = {cfg.batch_size}: must be divisible by nproc ({world_size})")
+        raise ParamsError(f"{key}batch_size = {cfg.batch_size}: must be divisible by nproc ({world_size})")
     per_process = cfg.batch_size // world_size
     micro = cfg.micro_batch_size or per_process
     if micro > per_process or per_process % micro:
         raise ParamsError(
-            f"{section}.micro_batch_size = {cfg.micro_batch_size}: must divide the per-process batch "
+            f"{key}micro_batch_size = {cfg.micro_batch_size}: must divide the per-process batch "
             f"({cfg.batch_size} / nproc {world_size} = {per_process})"
         )
     return micro, per_process // micro
@@ -107,7 +108,6 @@ def train(
     on_progress: Callable[[int, int, torch.Tensor | None, float], None] | None = None,
     on_eval: Callable[[CurvePoint], None] | None = None,
     dist: Distributed = Distributed(),
-    section: str = "gpt",
     resume: TrainingState | None = None,
     save_state: Callable[[TrainingState], None] | None = None,
     save_every_seconds: float = 0.0,
@@ -126,7 +126,7 @@ def train(
     from such a state, to the same result as a run never interrupted.
     """
     amp = autocast_dtype(device, cfg.precision)
-    micro, accum_steps = micro_batches(cfg, dist.world_size, section)
+    micro, accum_steps = micro_batches(cfg, dist.world_size)  # the caller has checked it against the params
     model.to(device)
     if resume is not None:
         model.load_state_dict(resume.model)

@@ -124,7 +124,6 @@ def main(
                     on_progress,
                     on_eval,
                     dist,
-                    model,
                     resume=resume_from,
                     save_state=save_state if p.save_state_every_seconds > 0 else None,
                     save_every_seconds=p.save_state_every_seconds,

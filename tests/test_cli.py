@@ -95,3 +95,28 @@ def test_int8_precision_samples_and_is_cpu_only(ckpt):
     assert len(result.stdout.removesuffix("\n")) == 23
     bad = runner.invoke(app, ["sample", str(ckpt), "--precision", "fp16"])
     assert bad.exit_code == 2 and "sample.precision = 'fp16'" in bad.stderr
+
+
+def test_info_quotes_the_metrics_where_dvc_yaml_puts_them(ckpt, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from charlm.cli import evaluate_metrics_path
+
+    root = Path(__file__).resolve().parent.parent
+    assert evaluate_metrics_path(root / "dvc.yaml", "gpt") == root / "metrics/gpt.json"
+    # A project whose dvc.yaml writes metrics elsewhere: info follows it, from the directory it runs in.
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    matrix:\n      model: [gpt]\n    cmd: x\n"
+        "    metrics:\n      - scores/${item.model}-exact.json:\n          cache: false\n"
+    )
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores/gpt-exact.json").write_text(json.dumps({"val_loss": 1.2345}))
+    monkeypatch.chdir(tmp_path)
+    card = json.loads(runner.invoke(app, ["info", str(ckpt), "--json"]).stdout)
+    assert card["metrics"] == {"val_loss": 1.2345}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"val_loss": 2.0}))
+    card = json.loads(runner.invoke(app, ["info", str(ckpt), "--json", "--metrics", str(other)]).stdout)
+    assert card["metrics"] == {"val_loss": 2.0}
+    monkeypatch.chdir(tmp_path / "scores")  # no dvc.yaml here: no metrics, still a card
+    assert "metrics" not in json.loads(runner.invoke(app, ["info", str(ckpt), "--json"]).stdout)

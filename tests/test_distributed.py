@@ -62,9 +62,9 @@ def test_batch_split_validation():
     assert micro_batches(GPTParams(batch_size=32), 4) == (8, 1)
     assert micro_batches(GPTParams(batch_size=32, micro_batch_size=4), 2) == (4, 4)
     with pytest.raises(ParamsError, match=r"gpt.batch_size = 30: must be divisible by nproc \(4\)"):
-        micro_batches(GPTParams(batch_size=30), 4)
+        micro_batches(GPTParams(batch_size=30), 4, "gpt")
     with pytest.raises(ParamsError, match="gpt.micro_batch_size = 16: must divide the per-process batch"):
-        micro_batches(GPTParams(batch_size=32, micro_batch_size=16), 4)
+        micro_batches(GPTParams(batch_size=32, micro_batch_size=16), 4, "gpt")
 
 
 def test_worker_devices():
