@@ -38,7 +38,15 @@ def _instances() -> list[tuple[str, str]]:
 
 def _listed_code(name: str, item: str) -> set[str]:
     deps = [d.replace("${item.model}", item) for d in STAGES[name]["deps"]]
-    return {d for d in deps if d.startswith(("charlm/", "stages/"))}
+    code = set()
+    for dep in deps:
+        if not dep.startswith(("charlm/", "stages/")):
+            continue
+        if (ROOT / dep).is_dir():  # a directory stands for every source file in it
+            code |= {str(p.relative_to(ROOT)) for p in (ROOT / dep).rglob("*.py")}
+        else:
+            code.add(dep)
+    return code
 
 
 def _imported(name: str, item: str) -> set[str]:
@@ -99,3 +107,9 @@ def test_every_matrix_lists_the_models_the_library_knows():
     matrices = {name: stage["matrix"]["model"] for name, stage in STAGES.items() if "matrix" in stage}
     assert set(matrices) == {"train", "evaluate", "sample"}
     assert all(tuple(models) == MODEL_NAMES for models in matrices.values()), matrices
+
+
+def test_python_caches_are_not_code_deps():
+    # Directory deps (charlm/models/<model>) would otherwise change whenever Python rewrites bytecode.
+    ignored = (ROOT / ".dvcignore").read_text(encoding="utf-8").splitlines()
+    assert "__pycache__/" in ignored and "*.pyc" in ignored

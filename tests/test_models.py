@@ -79,7 +79,7 @@ def test_bigram_floor_is_the_count_optimum():
 
 
 def test_cpu_dropout_drops_about_p_and_keeps_the_expectation():
-    from charlm.models.gpt import dropout
+    from charlm.models.gpt.ops import dropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000)
@@ -96,7 +96,7 @@ def test_cpu_dropout_drops_about_p_and_keeps_the_expectation():
 
 def test_random_bytes_are_uniform_in_every_position_of_the_word():
     """The bytes come 8 to an int64 word: each of the 8 positions must be uniform, not just the mean."""
-    from charlm.models.gpt import random_bytes
+    from charlm.models.gpt.ops import random_bytes
 
     torch.manual_seed(0)
     b = random_bytes((100_003,))  # not a multiple of 8: the tail is cut, not padded
@@ -112,7 +112,7 @@ def test_random_bytes_are_uniform_in_every_position_of_the_word():
 def test_attention_dropout_keeps_the_expectation():
     """Dropout on the attention weights rescales after `att @ v`: with v = 1 each output is the
     rescaled sum of the kept weights of a row, whose mean must stay 1."""
-    from charlm.models.gpt import explicit_causal_attention
+    from charlm.models.gpt.ops import explicit_causal_attention
 
     torch.manual_seed(0)
     q, k = torch.randn(8, 2, 64, 16), torch.randn(8, 2, 64, 16)

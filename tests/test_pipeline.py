@@ -223,12 +223,13 @@ def test_editing_sampling_code_reruns_only_sampling(project, env):
         path.write_text(original)
 
 
-def test_editing_gpt_code_leaves_the_bigram_alone(project, env):
-    path = project / "charlm" / "models" / "gpt.py"
+@pytest.mark.parametrize("module", ["__init__.py", "ops.py"])
+def test_editing_gpt_code_leaves_the_bigram_alone(project, env, module):
+    path = project / "charlm" / "models" / "gpt" / module
     original = path.read_text()
     try:
         path.write_text(original + "\n# an edit\n")
-        assert would_run(project, env) == {"train@gpt", "evaluate@gpt", "sample@gpt"}  # all read gpt.py
+        assert would_run(project, env) == {"train@gpt", "evaluate@gpt", "sample@gpt"}  # all read models/gpt/
     finally:
         path.write_text(original)
 

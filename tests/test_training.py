@@ -9,7 +9,7 @@ from charlm.batches import get_batch
 from charlm.evaluation import estimate_loss, split_loss
 from charlm.models import build_model, config_for
 from charlm.models.bigram import bigram_loss_floor
-from charlm.models.gpt import explicit_causal_attention
+from charlm.models.gpt.ops import explicit_causal_attention
 from charlm.optim import Muon, make_optimizer
 from charlm.params import BigramParams, GPTParams
 from charlm.training import learning_rate_at, train

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.models.gpt.ops import Dropout, explicit_causal_attention
 from charlm.params import GPTArchitecture
 from charlm.precision import explicit_attention
 
@@ -76,74 +77,6 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.position += n
         self.length = min(self.capacity, self.length + n)
-
-
-def random_bytes(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Uniform uint8 random numbers from the CPU generator, drawn 8 at a time as int64 words.
-
-    Measured on a 2-core CPU for a lecture-size attention map (25M elements): 28 ms, against 74-136
-    ms for `torch.randint(0, 256, dtype=uint8)`, which draws one generator number per byte.
-    """
-    n = math.prod(shape)
-    words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1)  # every bit random
-    return words.view(torch.uint8)[:n].view(shape)
-
-
-def dropped(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tensor | None, float]:
-    """A CPU dropout mask (True = dropped, p rounded to a multiple of 1/256) and the rescale factor
-    that keeps the expectation, or (None, 1.0) when p rounds to 0."""
-    threshold = round(p * 256)  # drop when a uniform byte falls below it
-    if threshold == 0:
-        return None, 1.0
-    return random_bytes(shape) < threshold, 256.0 / (256 - threshold)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`F.dropout`, but on the CPU with p rounded to a multiple of 1/256 and one random byte per element.
-
-    Measured on a 2-core CPU at the lecture's size: torch's CPU dropout (a float Bernoulli draw per
-    element) took ~30% of a training step; random bytes are several times cheaper forward and
-    backward. Elsewhere (CUDA's fused kernel is already fast) it is plain `F.dropout`.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p=p, training=True)
-    drop, scale = dropped(x.shape, p)
-    if drop is None:
-        return x
-    return x.masked_fill(drop, 0.0) * scale
-
-
-class Dropout(nn.Module):
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
-def explicit_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """The lecture's attention: softmax(q k^T / sqrt(hs), causal) v, dropout on the weights.
-
-    The softmax runs in the input dtype: torch's CPU bf16 softmax accumulates in float32 and gives
-    exactly float32-softmax-then-cast (checked in tests), without materialising float32 copies of
-    the (B, nh, T, T) weights, which at the lecture's size was a third of the step time.
-    """
-    T, hs = q.size(-2), q.size(-1)
-    # Scaling q (B, nh, T, hs) is T/hs times fewer multiplies than scaling the (B, nh, T, T) scores.
-    att = (q * hs**-0.5) @ k.transpose(-2, -1)  # (B, nh, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    # In place: the matmul's backward needs q and k, not its output, so no copy of the scores is kept.
-    att = att.masked_fill_(future, float("-inf")).softmax(dim=-1)
-    drop, scale = dropped(att.shape, dropout_p) if dropout_p > 0 else (None, 1.0)
-    if drop is None:
-        return att @ v  # (B, nh, T, hs)
-    # Dropout's rescale is applied to the (B, nh, T, hs) output, T/hs times smaller than the weights.
-    return (att.masked_fill(drop, 0.0) @ v) * scale
 
 
 def rope_angles(head_size: int, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
