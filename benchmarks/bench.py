@@ -328,25 +328,13 @@ def run_worker(kind: str, **kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def stage_args(name: str) -> list[str]:
-    """The arguments `dvc.yaml` gives the (non-matrix) stage `name`, after `python -m stages.<name>`."""
-    import shlex
-
-    import yaml
-
-    cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"][name]["cmd"]
-    words = shlex.split(cmd)
-    if words[:3] != ["python", "-m", f"stages.{name}"]:
-        raise SystemExit(f"dvc.yaml: stage {name}'s cmd does not start with python -m stages.{name}")
-    return words[3:]
-
-
 def time_data_stages(data: Path) -> dict:
     """Wall time of download/encode/split as DVC runs them (fresh interpreter each)."""
+    from charlm.pipeline import stage_args
     work = Path(tempfile.mkdtemp())
     shutil.copy(ROOT / "params.yaml", work / "params.yaml")
     env = os.environ | {"PYTHONPATH": str(ROOT), "CHARLM_DATA_FILE": str(data)}
-    commands = {name: stage_args(name) for name in ("download", "encode", "split")}
+    commands = {name: stage_args(name, ROOT / "dvc.yaml") for name in ("download", "encode", "split")}
     out = {}
     for name, args in commands.items():
         t0 = time.perf_counter()

@@ -80,6 +80,7 @@ def info(
     """Print a model card: type, config, parameter count, vocabulary and training metrics."""
     with reported_errors("charlm info"):
         from charlm.checkpoint import load_checkpoint
+        from charlm.pipeline import evaluate_metrics_path
         from charlm.precision import describe_cpu, sample_precision
 
         ckpt = load_checkpoint(checkpoint)
@@ -95,7 +96,7 @@ def info(
                 "sample_precision": f"auto = {sample_precision('cpu', 'auto')} on the cpu",
             },
         }
-        metrics_file = metrics or evaluate_metrics_path(Path("dvc.yaml"), ckpt.model_name)
+        metrics_file = metrics or evaluate_metrics_path(Path("dvc.yaml"), ckpt.model_name)  # dvc.yaml owns it
         if metrics_file is not None and metrics_file.is_file():
             try:
                 card["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8"))
@@ -114,19 +115,6 @@ def info(
                 print(f"  {section}:")
                 for key, value in card[section].items():
                     print(f"    {key:<18} {value}")
-
-
-def evaluate_metrics_path(dvc_yaml: Path, model: str) -> Path | None:
-    """Where the pipeline's evaluate stage writes `model`'s metrics, read from dvc.yaml (which owns
-    that path), relative to the directory `charlm` runs in; None outside a charlm project."""
-    import yaml
-
-    try:
-        stage = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]["evaluate"]
-        (template,) = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage["metrics"]]
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
-        return None
-    return dvc_yaml.parent / template.replace("${item.model}", model)
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Optimizers: AdamW, Muon for the blocks' matrices, and the weight average.
 
 Muon is written here rather than taken from `torch.optim.Muon`, which orthogonalises every update in
-bfloat16 whatever the device can do: on a CPU without native bf16 that made a training step 3-4.5x
-slower (README "Performance"). This one runs its Newton-Schulz iterations in the dtype
+bfloat16 whatever the device can do: on a CPU without native bf16 that made a training step several
+times slower (README "Performance" has the figures). This one runs its Newton-Schulz iterations in the dtype
 `charlm.precision.orthogonalization_dtype` picks, and does the same-shape matrices of all blocks as
 one batch. Step for step it is torch's update (tests compare the two in the same dtype).
 """

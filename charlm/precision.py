@@ -1,8 +1,8 @@
 """One rule for the fast dtype: what a device does natively, asked by every place that picks a dtype.
 
 bfloat16 is a speed-up only where the hardware computes in it. A CPU without native bf16 (AVX2-only
-x86, Apple M1, most ARM before ARMv8.6) emulates it, and a bf16 matmul there runs ~100x slower than
-float32 (README "Performance"). So no module casts to bf16 on its own: training's autocast, the
+x86, Apple M1, most ARM before ARMv8.6) emulates it, and a bf16 matmul there runs far slower than
+float32 (README "Performance" has the measured factor). So no module casts to bf16 on its own: training's autocast, the
 attention kernel it implies, Muon's orthogonalisation and the int8 sampling kernel all ask here.
 
 The CPU's answer comes from its feature flags (Linux x86: avx512_bf16 / amx_bf16; Linux ARM: bf16;
@@ -124,7 +124,7 @@ def int8_activation_dtype(device: torch.device | str) -> torch.dtype:
 
 def sample_precision(device: torch.device | str, requested: str) -> str:
     """The weights' precision for generation: `auto` is int8 on the CPU (where torch's int8 weight-only
-    kernel runs and is 2-3x faster than float32 on either CPU class, README "Performance") and
+    kernel runs and is faster than float32 on either CPU class, README "Performance") and
     float32 on accelerators; an explicit `int8` elsewhere than the CPU is refused."""
     device = torch.device(device)
     if requested == "auto":

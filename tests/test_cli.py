@@ -100,7 +100,7 @@ def test_int8_precision_samples_and_is_cpu_only(ckpt):
 def test_info_quotes_the_metrics_where_dvc_yaml_puts_them(ckpt, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from charlm.cli import evaluate_metrics_path
+    from charlm.pipeline import evaluate_metrics_path
 
     root = Path(__file__).resolve().parent.parent
     assert evaluate_metrics_path(root / "dvc.yaml", "gpt") == root / "metrics/gpt.json"

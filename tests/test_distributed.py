@@ -13,7 +13,7 @@ from charlm.distributed import Distributed, worker_device
 from charlm.errors import UsageError
 from charlm.params import GPTParams, ParamsError
 from charlm.training import micro_batches
-from tests.test_stages import TINY_GPT, TRAIN_ARGS, prepared, stage, write_params  # noqa: F401 (prepared is a fixture)
+from tests.conftest import TINY_GPT, TRAIN_ARGS, stage, write_params
 
 
 def train_args(name: str) -> list[str]:
@@ -22,7 +22,7 @@ def train_args(name: str) -> list[str]:
     return [outputs.get(arg, arg) for arg in TRAIN_ARGS]
 
 
-def run_training(prepared, tmp_path, name: str, **top) -> None:  # noqa: F811
+def run_training(prepared, tmp_path, name: str, **top) -> None:
     config = TINY_GPT | {"max_iters": 30, "eval_interval": 10, "eval_iters": 10, "batch_size": 8, "dropout": 0.0}
     write_params(tmp_path / f"{name}.yaml", gpt=config | top.pop("gpt", {}), **top)
     proc = stage("train", "gpt", *train_args(name), "--params", str(tmp_path / f"{name}.yaml"), cwd=prepared)
@@ -30,7 +30,7 @@ def run_training(prepared, tmp_path, name: str, **top) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_two_gloo_processes_match_one_process(prepared, tmp_path, optimizer):  # noqa: F811
+def test_two_gloo_processes_match_one_process(prepared, tmp_path, optimizer):
     out = prepared / "out"
     for path in out.glob("*") if out.exists() else []:
         path.unlink()
@@ -49,7 +49,7 @@ def test_two_gloo_processes_match_one_process(prepared, tmp_path, optimizer):  #
     assert not any(k.startswith("module.") for k in ckpt.state_dict)  # the plain model, not the DDP wrapper
 
 
-def test_gradient_accumulation_keeps_the_global_batch(prepared, tmp_path):  # noqa: F811
+def test_gradient_accumulation_keeps_the_global_batch(prepared, tmp_path):
     run_training(prepared, tmp_path, "whole", nproc=1)
     run_training(prepared, tmp_path, "accumulated", nproc=1, gpt={"micro_batch_size": 2})
     whole, accumulated = read_curve(prepared / "out" / "whole.csv"), read_curve(prepared / "out" / "accumulated.csv")
@@ -77,14 +77,14 @@ def test_worker_devices():
     assert Distributed.from_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}).world_size == 2
 
 
-def test_bad_nproc_split_fails_before_launch(prepared, tmp_path):  # noqa: F811
+def test_bad_nproc_split_fails_before_launch(prepared, tmp_path):
     write_params(tmp_path / "bad.yaml", nproc=3, gpt=TINY_GPT | {"batch_size": 8})
     proc = stage("train", "gpt", *train_args("bad"), "--params", str(tmp_path / "bad.yaml"), cwd=prepared)
     assert proc.returncode == 2 and "gpt.batch_size = 8: must be divisible by nproc (3)" in proc.stderr
     assert "torchrun" not in proc.stderr.lower() and torch is not None
 
 
-def test_two_processes_resume_after_a_kill_to_the_uninterrupted_result(prepared, tmp_path):  # noqa: F811
+def test_two_processes_resume_after_a_kill_to_the_uninterrupted_result(prepared, tmp_path):
     """Rank 0 writes the state with every rank's random streams; each rank restores its own (dropout
     on, so a rank with rank 0's streams would draw other masks)."""
     import os

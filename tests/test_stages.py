@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -12,69 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
-from benchmarks.bench import stage_args
-from tests.conftest import make_corpus
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def stage(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    env = (os.environ if env is None else env) | {"PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{name}", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kw,
-    )
-
-
-def write_params(path: Path, **sections) -> None:
-    path.write_text(yaml.safe_dump(sections))
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A work dir with the data stages done on a tiny corpus."""
-    work = tmp_path_factory.mktemp("stages")
-    corpus = work / "corpus.txt"
-    corpus.write_text(make_corpus(300))
-    sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
-    write_params(work / "params.yaml", data={"url": str(corpus), "sha256": sha})
-    for name in ("download", "encode", "split"):
-        args = stage_args(name)  # exactly what dvc.yaml runs
-        proc = stage(name, *args, cwd=work)
-        assert proc.returncode == 0, proc.stderr
-    return work
-
-
-TRAIN_ARGS = [
-    "--train",
-    "data/train.bin",
-    "--val",
-    "data/val.bin",
-    "--vocab",
-    "data/vocab.json",
-    "--checkpoint",
-    "models/gpt.pt",
-    "--curve",
-    "curves/gpt.csv",
-]
-TINY_GPT = {
-    "n_layer": 1,
-    "n_head": 2,
-    "n_embd": 16,
-    "block_size": 16,
-    "batch_size": 8,
-    "eval_interval": 5,
-    "eval_iters": 2,
-    "warmup_iters": 1,
-    "precision": "float32",
-}
+from tests.conftest import ROOT, TINY_GPT, TRAIN_ARGS, stage, write_params
 
 
 def leftovers(work: Path) -> list[Path]:
