@@ -94,8 +94,9 @@ def worker_train(data: Path, model: str, overrides: dict, steps: int, target: fl
             hit.update(step=point.step, seconds=elapsed["train"])
 
     if target is None and steps > 0:  # one untimed step first: oneDNN picks its kernels on the first call
-        train(net, train_data, val_data, dataclasses.replace(section, max_iters=1, warmup_iters=0), "cpu", 1337)
-    result = train(net, train_data, val_data, section, "cpu", 1337, on_progress, on_eval)
+        warm_up = dataclasses.replace(section, max_iters=1, warmup_iters=0)
+        train(net, train_data, val_data, warm_up, torch.device("cpu"), 1337)
+    result = train(net, train_data, val_data, section, torch.device("cpu"), 1337, on_progress, on_eval)
     out = {
         "tokens_per_second": result.tokens_per_second,
         "train_seconds": result.train_seconds,
@@ -106,7 +107,7 @@ def worker_train(data: Path, model: str, overrides: dict, steps: int, target: fl
     if model == "bigram":
         from charlm.models.bigram import bigram_loss_floor
 
-        out["val_loss"] = split_loss(net, val_data, 256, "cpu")
+        out["val_loss"] = split_loss(net, val_data, 256, torch.device("cpu"))
         out["val_loss_floor"] = bigram_loss_floor(train_data, val_data, tok.vocab_size)
     if target is not None:
         out["time_to_target"] = hit.get("seconds")
@@ -162,7 +163,7 @@ def worker_steps(data: Path, overrides: dict, steps: int, rounds: int) -> dict:
     def charlm_step(section) -> float:
         torch.manual_seed(1337)
         net = build_model("gpt", config)
-        return train(net, train_data, val_data, section, "cpu", 1337).train_seconds / steps
+        return train(net, train_data, val_data, section, torch.device("cpu"), 1337).train_seconds / steps
 
     def reference_step() -> float:
         torch.manual_seed(1337)
@@ -227,8 +228,9 @@ def worker_reference_ttt(data: Path, target: float, eval_interval: int) -> dict:
     seconds, hit = 0.0, None
     for step in range(R["max_iters"] + 1):
         if step % eval_interval == 0 or step == R["max_iters"]:
+            batches = torch.Generator().manual_seed(1338)
             val = estimate_loss(
-                net, {"val": val_data}, R["block_size"], 20, R["batch_size"], torch.Generator().manual_seed(1338), "cpu"
+                net, {"val": val_data}, R["block_size"], 20, R["batch_size"], batches, torch.device("cpu")
             )["val"]
             if val <= target:
                 hit = {"step": step, "seconds": seconds, "val": val}

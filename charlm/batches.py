@@ -29,7 +29,11 @@ def load_tokens(path: str | Path, dtype: str) -> torch.Tensor:
 
 
 def get_batch(
-    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator, device: str = "cpu"
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator,
+    device: torch.device = torch.device("cpu"),  # noqa: B008 - an immutable value
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows `x` and their targets `y`, which are `x` shifted left by one token."""
     if len(data) <= block_size:
@@ -39,8 +43,8 @@ def get_batch(
     chunk = data[offsets].long()  # (B, T+1), one gather instead of a Python loop over rows
     x, y = chunk[:, :-1], chunk[:, 1:]
     if device != "cpu":
-        x = x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x.to(device)
-        y = y.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else y.to(device)
+        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+        y = y.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else y.to(device)
     return x, y
 
 

@@ -82,7 +82,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: no such checkpoint; train one with `dvc repro`")
     # The loaded weights, the model built from them and a sampling copy (int8 or on a device): ~3x the file.
     needed = 3 * path.stat().st_size
-    check_fits(needed, available_memory("cpu"), f"{path}: loading it", "use a machine with more memory")
+    check_fits(needed, available_memory(torch.device("cpu")), f"{path}: loading it", "use a machine with more memory")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -42,8 +42,9 @@ class Availability:
         return found
 
 
-def resolve_device(requested: str, available: Availability | None = None) -> str:
-    """Map the `device` param to a concrete device string, or raise `DeviceError` naming what exists."""
+def resolve_device(requested: str, available: Availability | None = None) -> torch.device:
+    """Parse the `device` param, once, into the `torch.device` every other module takes, or raise
+    `DeviceError` naming the devices that exist."""
     parsed = parse_device(requested)
     if parsed is None:
         raise DeviceError(f"device = {requested!r}: must be {DEVICE_FORMS}")
@@ -51,14 +52,14 @@ def resolve_device(requested: str, available: Availability | None = None) -> str
     available = Availability.probe() if available is None else available
     if kind == "auto":
         if available.cuda_count:
-            return "cuda"
-        return "mps" if available.mps else "cpu"
+            return torch.device("cuda")
+        return torch.device("mps" if available.mps else "cpu")
     if kind == "cpu" or (kind == "mps" and available.mps) or (kind == "cuda" and (index or 0) < available.cuda_count):
-        return requested
+        return torch.device(requested)
     return _absent(requested, available)
 
 
-def _absent(requested: str, available: Availability) -> str:
+def _absent(requested: str, available: Availability) -> torch.device:
     raise DeviceError(
         f"device = {requested!r} is not available on this machine (available: {', '.join(available.names())}); "
         "set device to one of those, or auto"
@@ -71,11 +72,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def synchronize(device: str) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so a timer read after this measures finished work."""
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elif device == "mps":
+    elif device.type == "mps":
         torch.mps.synchronize()
 
 

@@ -12,6 +12,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
+import torch
+
 from charlm.errors import CharlmError, UsageError
 
 
@@ -56,21 +58,21 @@ def relaunch_under_torchrun(nproc: int, module: str, argv: list[str]) -> None:
         raise CharlmError(f"a training process failed under torchrun ({len(e.failures)} of {nproc})") from None
 
 
-def worker_device(device: str, dist: Distributed) -> str:
+def worker_device(device: torch.device, dist: Distributed) -> torch.device:
     """Each worker's device: its own GPU on CUDA; DDP has no backend for mps."""
     if dist.world_size == 1:
         return device
-    if device.startswith("cuda"):
-        return f"cuda:{dist.local_rank}"
-    if device == "mps":
+    if device.type == "cuda":
+        return torch.device("cuda", dist.local_rank)
+    if device.type == "mps":
         raise UsageError("nproc > 1 with device = 'mps': DDP has no mps backend; use nproc: 1 on a Mac")
     return device
 
 
-def init_process_group(device: str) -> None:
+def init_process_group(device: torch.device) -> None:
     import torch.distributed as torch_dist
 
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     torch_dist.init_process_group(backend=backend)
 
 

@@ -20,7 +20,7 @@ def estimate_loss(
     eval_iters: int,
     batch_size: int,
     generator: torch.Generator,
-    device: str,
+    device: torch.device,
     amp: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Mean loss over `eval_iters` random batches per split (the lecture's estimate_loss), batched."""
@@ -41,7 +41,7 @@ def estimate_loss(
 
 @torch.inference_mode()
 def split_loss(
-    model: nn.Module, data: torch.Tensor, block_size: int, device: str, max_tokens: int | None = None
+    model: nn.Module, data: torch.Tensor, block_size: int, device: torch.device, max_tokens: int | None = None
 ) -> float:
     """Exact mean loss over the whole split in non-overlapping windows, in float32: a pure function
     of the checkpoint and the data, so the evaluate stage's metrics are reproducible."""

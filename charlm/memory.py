@@ -122,12 +122,12 @@ def _read(path: str) -> str | None:
         return None
 
 
-def available_memory(device: str) -> int | None:
+def available_memory(device: torch.device) -> int | None:
     """Bytes this process could still allocate on `device`, or None where that cannot be known."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    if device == "mps":
+    if device.type == "mps":
         return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     if sys.platform == "linux":
         meminfo = _read("/proc/meminfo")

@@ -138,7 +138,7 @@ class MuonAdamW:
 
 
 def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, device: torch.device | str
+    model: nn.Module, cfg: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer | MuonAdamW:
     """AdamW, or with `optimizer: muon` Muon for the blocks' matrices and AdamW for the rest.
 

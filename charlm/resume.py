@@ -54,23 +54,25 @@ class TrainingState:
     train_seconds: float
 
 
-def capture_randomness(batch_generator: torch.Generator, device: str) -> dict[str, torch.Tensor]:
+def capture_randomness(batch_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """This process's random streams: its batch sampler, torch's CPU generator (dropout on the CPU)
     and the accelerator's generator (dropout there)."""
     streams = {"batches": batch_generator.get_state(), "cpu": torch.get_rng_state()}
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         streams["device"] = torch.cuda.get_rng_state(device)
-    elif device == "mps":
+    elif device.type == "mps":
         streams["device"] = torch.mps.get_rng_state()
     return streams
 
 
-def restore_randomness(streams: Mapping[str, torch.Tensor], batch_generator: torch.Generator, device: str) -> None:
+def restore_randomness(
+    streams: Mapping[str, torch.Tensor], batch_generator: torch.Generator, device: torch.device
+) -> None:
     batch_generator.set_state(streams["batches"])
     torch.set_rng_state(streams["cpu"])
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.set_rng_state(streams["device"], device)
-    elif device == "mps":
+    elif device.type == "mps":
         torch.mps.set_rng_state(streams["device"])
 
 

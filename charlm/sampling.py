@@ -124,7 +124,7 @@ def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, 
 def sample_text(
     ckpt: Checkpoint,
     settings: SampleParams,
-    device: torch.device | str,
+    device: torch.device,
     seed: int,
     drop_unknown: bool = False,
     on_start: Callable[[str, list[str]], None] | None = None,

@@ -57,7 +57,7 @@ def micro_batches(cfg: TrainConfig, world_size: int, section: str = "") -> tuple
 
 
 def check_training_memory(
-    section: str, cfg: TrainConfig, build: Callable[[], nn.Module], device: str, world_size: int
+    section: str, cfg: TrainConfig, build: Callable[[], nn.Module], device: torch.device, world_size: int
 ) -> TrainingMemory:
     """Refuse, in one line naming the params, a training run that cannot fit; else the estimate.
 
@@ -69,7 +69,7 @@ def check_training_memory(
         config = dataclasses.asdict(build().config)
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
     need = training_memory(n_params, n_muon, config, micro, cfg.optimizer, cfg.ema_decay > 0)
-    sharing = 1 if device.startswith("cuda") else world_size
+    sharing = 1 if device.type == "cuda" else world_size
     sizes = ("n_embd", "n_layer", "n_head", "batch_size", "block_size")
     named = ", ".join(f"{name} = {getattr(cfg, name)}" for name in sizes if hasattr(cfg, name))
     each = f" x {sharing} processes" if sharing > 1 else ""
@@ -103,7 +103,7 @@ def train(
     train_data: torch.Tensor,
     val_data: torch.Tensor,
     cfg: TrainConfig,
-    device: str,
+    device: torch.device,
     seed: int,
     on_progress: Callable[[int, int, torch.Tensor | None, float], None] | None = None,
     on_eval: Callable[[CurvePoint], None] | None = None,
@@ -135,7 +135,7 @@ def train(
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg, device)
     # Only the main process evaluates and saves, so only it needs the average.
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None
@@ -239,12 +239,12 @@ def train(
     )
 
 
-def _agreed(decision: bool, dist: Distributed, device: str) -> bool:
+def _agreed(decision: bool, dist: Distributed, device: torch.device) -> bool:
     """The main process's decision, on every process (a state save is a collective step)."""
     if dist.world_size == 1:
         return decision
     import torch.distributed as torch_dist
 
-    flag = torch.tensor([int(decision)], device=device if device.startswith("cuda") else "cpu")
+    flag = torch.tensor([int(decision)], device=device if device.type == "cuda" else "cpu")  # gloo: the CPU
     torch_dist.broadcast(flag, src=0)
     return bool(flag.item())

@@ -53,7 +53,7 @@ def main(
             "train_seconds": stats.get("train_seconds"),
             "tokens_per_second": stats.get("tokens_per_second"),
             "precision": stats.get("precision"),
-            "device": device,
+            "device": str(device),
         }
         io.write_json(metrics, result)
         print(f"evaluate@{model}: val_loss {val_loss:.4f}, train_loss {train_loss:.4f}")

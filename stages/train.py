@@ -67,7 +67,7 @@ def main(
         key = saved.state_key(
             {
                 "stage": stage,
-                "params": {"seed": p.seed, "device": device, "nproc": p.nproc, model: dataclasses.asdict(cfg)},
+                "params": {"seed": p.seed, "device": str(device), "nproc": p.nproc, model: dataclasses.asdict(cfg)},
                 "data": {path.name: saved.file_sha256(path) for path in (train_tokens, val_tokens, vocab)},
                 "code": saved.code_fingerprint(),
                 "torch": torch.__version__,
@@ -95,7 +95,7 @@ def main(
             distributed.init_process_group(device)
         try:
             if dist.is_main:
-                where = f"{dist.world_size} processes" if dist.world_size > 1 else device
+                where = f"{dist.world_size} processes" if dist.world_size > 1 else str(device)
                 print(f"{stage}: {count_params(net):,} parameters on {where}, {cfg.max_iters} steps", flush=True)
                 if resume_from is not None:
                     step, total = resume_from.step, cfg.max_iters
@@ -141,7 +141,7 @@ def main(
             "train_seconds": round(result.train_seconds, 3),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "precision": result.precision,
-            "device": device,
+            "device": str(device),
             "nproc": dist.world_size,
             "steps": cfg.max_iters,
         }

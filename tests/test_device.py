@@ -21,7 +21,7 @@ MAC = Availability(cuda_count=0, mps=True)
     ],
 )
 def test_resolution(requested, available, expected):
-    assert resolve_device(requested, available) == expected
+    assert resolve_device(requested, available) == torch.device(expected)
 
 
 @pytest.mark.parametrize(

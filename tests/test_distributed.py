@@ -68,11 +68,11 @@ def test_batch_split_validation():
 
 
 def test_worker_devices():
-    assert worker_device("cpu", Distributed(1, 1, 2)) == "cpu"
-    assert worker_device("cuda", Distributed(3, 1, 4)) == "cuda:1"
-    assert worker_device("mps", Distributed()) == "mps"
+    assert worker_device(torch.device("cpu"), Distributed(1, 1, 2)) == torch.device("cpu")
+    assert worker_device(torch.device("cuda"), Distributed(3, 1, 4)) == torch.device("cuda:1")
+    assert worker_device(torch.device("mps"), Distributed()) == torch.device("mps")
     with pytest.raises(UsageError, match="mps"):
-        worker_device("mps", Distributed(0, 0, 2))
+        worker_device(torch.device("mps"), Distributed(0, 0, 2))
     assert Distributed.from_env({}) == Distributed()
     assert Distributed.from_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}).world_size == 2
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from charlm import memory
@@ -28,9 +29,9 @@ torch.set_num_threads(1)
 vocab, tr, va = token_splits(2000)
 cfg = GPTParams(**json.loads(sys.argv[1]))
 config = config_for("gpt", cfg, vocab)
-estimate = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1).total
+estimate = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1).total
 before = psutil.Process().memory_info().rss
-train(build_model("gpt", config), tr, va, cfg, "cpu", 0)
+train(build_model("gpt", config), tr, va, cfg, torch.device("cpu"), 0)
 print(json.dumps([estimate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before]))
 """
 
@@ -64,7 +65,7 @@ def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
     cfg = GPTParams(n_embd=10_000_000)
     config = config_for("gpt", cfg, 65)
     with pytest.raises(memory.NotEnoughMemory) as e:
-        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1)
+        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1)
     message = str(e.value)
     assert message.startswith("gpt.n_embd = 10000000, n_layer = 4, n_head = 4, batch_size = 32, block_size = 128:")
     assert "needs about 76.8 PB but" in message and "is available" in message and "\n" not in message
@@ -73,11 +74,11 @@ def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
 def test_processes_on_one_cpu_share_its_memory(monkeypatch):
     cfg = GPTParams(n_embd=256, n_head=4, batch_size=2, block_size=8)  # weights, not activations, dominate
     config = config_for("gpt", cfg, 65)
-    one = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1).total
+    one = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1).total
     monkeypatch.setattr("charlm.training.available_memory", lambda device: int(1.5 * one))
-    check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 1)
+    check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1)
     with pytest.raises(memory.NotEnoughMemory, match="x 2 processes"):
-        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), "cpu", 2)
+        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 2)
 
 
 def test_available_memory_reads_meminfo_and_a_container_limit():
@@ -85,7 +86,7 @@ def test_available_memory_reads_meminfo_and_a_container_limit():
     assert memory.mem_available_from(meminfo) == 20000000 * 1024
     assert memory.mem_available_from(meminfo, "4000000000\n", "1000000000\n") == 3000000000
     assert memory.mem_available_from(meminfo, "max\n", "1000000000\n") == 20000000 * 1024
-    assert memory.available_memory("cpu") > 0  # this machine (Linux in CI)
+    assert memory.available_memory(torch.device("cpu")) > 0  # this machine (Linux in CI)
 
 
 def test_charlm_sample_refuses_a_checkpoint_that_cannot_fit(tmp_path, monkeypatch):

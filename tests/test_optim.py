@@ -63,7 +63,7 @@ def test_muon_asks_the_precision_rule_for_its_dtype(monkeypatch, forced, expecte
     monkeypatch.setenv(CPU_BF16_ENV, forced)
     model = nn.Sequential()
     model.blocks = nn.ModuleList([nn.Linear(8, 8)])
-    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
     assert optimizer.optimizers[0].ns_dtype is expected
 
 

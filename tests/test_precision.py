@@ -103,5 +103,5 @@ def test_training_under_either_class_runs_and_says_its_precision(monkeypatch, fo
         precision="auto", optimizer="muon",
     )
     torch.manual_seed(0)
-    result = train(build_model("gpt", config_for("gpt", cfg, vocab)), train_data, val_data, cfg, "cpu", 0)
+    result = train(build_model("gpt", config_for("gpt", cfg, vocab)), train_data, val_data, cfg, torch.device("cpu"), 0)
     assert result.precision == ("bfloat16" if forced == "1" else "float32")

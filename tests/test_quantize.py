@@ -23,7 +23,7 @@ def trained():
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    train(model, train_data, val_data, cfg, "cpu", 0)
+    train(model, train_data, val_data, cfg, torch.device("cpu"), 0)
     return model.eval(), val_data
 
 

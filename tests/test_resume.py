@@ -48,7 +48,7 @@ def run(splits, cfg, seed=5, **kwargs):
     vocab_size, tr, va = splits
     torch.manual_seed(seed)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    return model, train(model, tr, va, cfg, "cpu", 5, **kwargs)
+    return model, train(model, tr, va, cfg, torch.device("cpu"), 5, **kwargs)
 
 
 def saving_every_step(directory: Path):

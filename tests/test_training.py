@@ -44,7 +44,7 @@ def train_gpt(splits, seed=0, **overrides):
     )
     torch.manual_seed(seed)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    return model, train(model, tr, va, cfg, "cpu", seed)
+    return model, train(model, tr, va, cfg, torch.device("cpu"), seed)
 
 
 def test_same_seed_gives_identical_weights_and_losses(splits):
@@ -76,10 +76,10 @@ def test_bigram_trains_to_its_floor(splits):
     )
     torch.manual_seed(0)
     model = build_model("bigram", {"vocab_size": vocab_size})
-    train(model, tr, va, cfg, "cpu", 0)
+    train(model, tr, va, cfg, torch.device("cpu"), 0)
     floor = bigram_loss_floor(tr, va, vocab_size)
     # On a tiny corpus add-one smoothing is a strong prior, so the trained table may even beat it.
-    assert split_loss(model, va, 64, "cpu") < floor + 0.02
+    assert split_loss(model, va, 64, torch.device("cpu")) < floor + 0.02
 
 
 def test_learning_rate_schedule():
@@ -126,7 +126,7 @@ def test_muon_updates_the_blocks_matrices_and_adamw_the_rest(splits):
     vocab_size, _, _ = splits
     cfg = GPTParams(optimizer="muon", n_layer=2, n_embd=16, n_head=2, block_size=16)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    optimizer = make_optimizer(model, cfg, "cpu")
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
     muon, adamw = optimizer.optimizers
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
@@ -177,7 +177,7 @@ def test_muon_schedule_reaches_both_optimizers(splits):
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
     Muon.step = spy
     try:
-        train(model, tr, va, cfg, "cpu", 0)
+        train(model, tr, va, cfg, torch.device("cpu"), 0)
     finally:
         Muon.step = real_step
     assert seen == pytest.approx([learning_rate_at(s, cfg) for s in range(4)])
@@ -189,7 +189,7 @@ def test_bigram_has_no_matrices_for_muon():
 
     model = build_model("bigram", {"vocab_size": 5})
     with pytest.raises(ParamsError, match="no hidden matrices"):
-        make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+        make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
 
 
 def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
@@ -211,12 +211,12 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
         assert torch.allclose(value, expected, atol=1e-6), name
         assert not torch.allclose(value, steps[-1][name]), name
     eval_gen = torch.Generator().manual_seed(0 + 1)  # train()'s eval batches: seed + 1
-    losses = estimate_loss(averaged, {"train": tr, "val": va}, 16, 2, 8, eval_gen, "cpu")
+    losses = estimate_loss(averaged, {"train": tr, "val": va}, 16, 2, 8, eval_gen, torch.device("cpu"))
     assert result.curve[-1].saved_val_loss == pytest.approx(losses["val"], abs=1e-6)
     last = build_model("gpt", dict(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     last.load_state_dict(steps[-1])
     eval_gen = torch.Generator().manual_seed(0 + 1)
-    trained = estimate_loss(last, {"train": tr, "val": va}, 16, 2, 8, eval_gen, "cpu")
+    trained = estimate_loss(last, {"train": tr, "val": va}, 16, 2, 8, eval_gen, torch.device("cpu"))
     assert result.curve[-1].val_loss == pytest.approx(trained["val"], abs=1e-6)
     assert result.curve[-1].train_loss == pytest.approx(trained["train"], abs=1e-6)
 
