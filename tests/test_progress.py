@@ -44,3 +44,14 @@ def test_an_evaluation_with_a_weight_average_shows_both_models():
     assert out.getvalue() == (
         "gpt step 200: train loss 1.8500, val loss 1.9500 | weight average: train 2.7000, val 2.7800 (estimates)\n"
     )
+
+
+def test_piped_lines_are_whole_lines_a_log_reader_can_follow():
+    # What `dvc queue logs` shows: each status a line of its own, never a redrawn bar.
+    out = io.StringIO()
+    progress = Progress("gpt", stream=out, tty=False, log_every=0.0)
+    for step in range(1, 6):
+        progress.on_progress(step, 5, torch.tensor(2.0), 100.0)
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 6
+    assert all(line.startswith(f"gpt step {i}/5") for i, line in enumerate(lines[:-1], start=1))
