@@ -125,3 +125,42 @@ def test_the_train_stage_on_a_full_disk(prepared, tmp_path, tiny_disk):
     assert list(tiny_disk.iterdir()) == []
     for path in (prepared / "curves").glob("*"):
         path.unlink()
+
+
+def test_a_truncated_state_is_ignored_with_a_warning(prepared, tmp_path):
+    states = tmp_path / "states"
+    env = os.environ | {"CHARLM_STATE_DIR": str(states), "PYTHONPATH": str(ROOT)}
+    write_params(tmp_path / "p.yaml", gpt=TINY_GPT | {"max_iters": 10**6}, save_state_every_seconds=0.05)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml")],
+        cwd=prepared,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(states.glob("*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait(timeout=60)
+    (state,) = states.glob("*.pt")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # e.g. a disk that filled mid-copy
+    # The same params (the same key): it finds the state, refuses it, starts from step 0.
+    rerun = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml")],
+        cwd=prepared,
+        env=env | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    while "parameters on" not in seen or "gpt step 0:" not in seen:
+        seen += rerun.stdout.readline()
+    rerun.kill()
+    rerun.communicate(timeout=60)
+    assert f"train@gpt: warning: ignoring the saved state {state}: unreadable" in seen
+    assert "resuming" not in seen
+    for path in leftovers(prepared):
+        path.unlink()
