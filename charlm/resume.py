@@ -32,6 +32,7 @@ import torch
 from charlm import io
 from charlm.curves import CurvePoint
 from charlm.errors import CharlmError
+from charlm.precision import native_bf16
 
 FORMAT = "charlm-train-state-v1"
 STALE_AFTER_SECONDS = 14 * 24 * 3600  # a state nobody resumed in two weeks is removed
@@ -100,6 +101,34 @@ def code_fingerprint(packages: Iterable[str] = ("charlm", "stages")) -> dict[str
         if name and path and name.split(".", 1)[0] in wanted and path.endswith(".py"):
             found[name] = file_sha256(path)
     return dict(sorted(found.items()))
+
+
+def training_key(stage: str, params: Mapping[str, Any], data_files: Iterable[Path], device: torch.device) -> str:
+    """The key of a training run: the params the stage read, its data, the code that ran (call it
+    once every module is imported, the model's included), torch, the thread count (float sums round
+    differently per thread count) and whether the device computes bf16 natively."""
+    return state_key(
+        {
+            "stage": stage,
+            "params": params,
+            "data": {Path(path).name: file_sha256(path) for path in data_files},
+            "code": code_fingerprint(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "native_bf16": native_bf16(device),
+        }
+    )
+
+
+def take_state(directory: Path, key: str) -> tuple[TrainingState | None, Path | None, str | None]:
+    """(the state to resume, its file, why it was refused): a damaged state is reported, never used."""
+    found = find_state(directory, key)
+    if found is None:
+        return None, None, None
+    try:
+        return load_state(found, key), found, None
+    except StateError as e:
+        return None, found, str(e)
 
 
 def default_state_dir(env: Mapping[str, str] | None = None) -> Path:

@@ -21,7 +21,6 @@ from charlm.device import configure_threads, resolve_device, seed_everything
 from charlm.errors import reported_errors
 from charlm.models import build_model, config_for, count_params
 from charlm.params import ParamsError, load_params
-from charlm.precision import native_bf16
 from charlm.progress import Progress
 from charlm.tokenizer import CharTokenizer
 from charlm.training import check_training_memory, micro_batches, train
@@ -64,28 +63,16 @@ def main(
         seed_everything(p.seed)
         net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
         # After the model is built, so its module (imported by name) is among the code in the key.
-        key = saved.state_key(
-            {
-                "stage": stage,
-                "params": {"seed": p.seed, "device": str(device), "nproc": p.nproc, model: dataclasses.asdict(cfg)},
-                "data": {path.name: saved.file_sha256(path) for path in (train_tokens, val_tokens, vocab)},
-                "code": saved.code_fingerprint(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),  # float sums round differently per thread count
-                "native_bf16": native_bf16(device),
-            }
-        )
+        read = {"seed": p.seed, "device": str(device), "nproc": p.nproc, model: dataclasses.asdict(cfg)}
+        key = saved.training_key(stage, read, (train_tokens, val_tokens, vocab), device)
         state_dir = saved.default_state_dir()
         state_file = saved.state_path(state_dir, stage, Path.cwd(), key)
-        resume_from, found = None, saved.find_state(state_dir, key)
-        if found is not None:
-            try:
-                resume_from = saved.load_state(found, key)
-            except saved.StateError as e:
-                if dist.is_main:
-                    print(f"{stage}: warning: ignoring the saved state {found}: {e}; starting from step 0", flush=True)
-                    found.unlink(missing_ok=True)
+        resume_from, found, refused = saved.take_state(state_dir, key)
         if dist.is_main:
+            if refused:
+                warning = f"{stage}: warning: ignoring the saved state {found}: {refused}; starting from step 0"
+                print(warning, flush=True)
+                found.unlink(missing_ok=True)
             saved.remove_stale_states(state_dir, state_file)
 
         if dist.rank:
