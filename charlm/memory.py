@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from charlm.errors import UsageError
 
@@ -58,15 +57,6 @@ def human(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError("unreachable")
-
-
-def count_on_meta(
-    build: Callable[[], nn.Module], pick: Callable[[nn.Module], list[nn.Parameter]]
-) -> tuple[int, int]:
-    """(all parameters, those `pick` selects) of the model `build()` makes, without allocating it."""
-    with torch.device("meta"):
-        model: nn.Module = build()
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in pick(model))
 
 
 def training_memory(

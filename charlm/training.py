@@ -21,7 +21,7 @@ from charlm.curves import CurvePoint
 from charlm.device import synchronize
 from charlm.distributed import Distributed, rank_seed
 from charlm.evaluation import estimate_loss
-from charlm.memory import TrainingMemory, available_memory, check_fits, count_on_meta, training_memory
+from charlm.memory import TrainingMemory, available_memory, check_fits, training_memory
 from charlm.optim import MuonAdamW, WeightAverage, hidden_matrices, make_optimizer
 from charlm.params import ParamsError, TrainConfig
 from charlm.precision import autocast_context, autocast_dtype
@@ -64,9 +64,11 @@ def check_training_memory(
     `build` makes the model (on torch's meta device here: nothing is allocated). On a CPU the
     `world_size` processes share the machine's memory; on CUDA each has its own GPU.
     """
-    n_params, n_muon = count_on_meta(build, hidden_matrices)
-    with torch.device("meta"):
-        config = dataclasses.asdict(build().config)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = build()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_muon = sum(p.numel() for p in hidden_matrices(model))
+    config = dataclasses.asdict(model.config)
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
     need = training_memory(n_params, n_muon, config, micro, cfg.optimizer, cfg.ema_decay > 0)
     sharing = 1 if device.type == "cuda" else world_size
@@ -161,8 +163,8 @@ def train(
         if dist.world_size > 1:
             import torch.distributed as torch_dist
 
-            streams = [None] * dist.world_size
-            torch_dist.all_gather_object(streams, capture_randomness(batch_gen, device))
+            mine, streams = streams[0], [None] * dist.world_size
+            torch_dist.all_gather_object(streams, mine)
         if dist.is_main:
             state = TrainingState(
                 step=steps_done,
@@ -214,9 +216,8 @@ def train(
         optimizer.step()
         if average is not None:
             average.update(model)
-        if save_state is not None and step + 1 < cfg.max_iters and _agreed(
-            time.monotonic() - last_save >= save_every_seconds, dist, device
-        ):
+        last_step = step + 1 == cfg.max_iters
+        if save_state is not None and not last_step and _save_due(step, last_save, save_every_seconds, dist, device):
             synchronize(device)
             train_seconds += time.perf_counter() - started
             snapshot(step + 1)
@@ -239,12 +240,21 @@ def train(
     )
 
 
-def _agreed(decision: bool, dist: Distributed, device: torch.device) -> bool:
-    """The main process's decision, on every process (a state save is a collective step)."""
+# With several processes, how many steps apart they agree on whether a state save is due.
+SAVE_CHECK_STEPS = 50
+
+
+def _save_due(step: int, last_save: float, every_seconds: float, dist: Distributed, device: torch.device) -> bool:
+    """Whether to save the state after `step`: the main process's clock decides, for every process (a
+    save is a collective step). The agreement is a broadcast read back to the host, so under DDP it
+    happens every SAVE_CHECK_STEPS steps rather than on every step of the loop."""
+    due = time.monotonic() - last_save >= every_seconds
     if dist.world_size == 1:
-        return decision
+        return due
+    if (step + 1) % SAVE_CHECK_STEPS:
+        return False
     import torch.distributed as torch_dist
 
-    flag = torch.tensor([int(decision)], device=device if device.type == "cuda" else "cpu")  # gloo: the CPU
+    flag = torch.tensor([int(due)], device=device if device.type == "cuda" else "cpu")  # gloo: the CPU
     torch_dist.broadcast(flag, src=0)
     return bool(flag.item())

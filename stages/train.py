@@ -47,10 +47,10 @@ def main(
                 raise ParamsError(
                     f"{model}.block_size = {cfg.block_size}: must be shorter than the {name} split ({len(data)} tokens)"
                 )
+        config = config_for(model, cfg, tokenizer.vocab_size)
         if not distributed.under_torchrun():
             # Before any allocation or launch: a bad split of the batch, or a run that cannot fit, stops here.
             micro_batches(cfg, p.nproc, model)
-            config = config_for(model, cfg, tokenizer.vocab_size)
             check_training_memory(model, cfg, lambda: build_model(model, config), device, p.nproc)
             if p.nproc > 1:
                 distributed.relaunch_under_torchrun(p.nproc, "stages.train", sys.argv[1:])
@@ -61,7 +61,7 @@ def main(
         device = distributed.worker_device(device, dist)
         configure_threads(p.threads)
         seed_everything(p.seed)
-        net = build_model(model, config_for(model, cfg, tokenizer.vocab_size))
+        net = build_model(model, config)
         # After the model is built, so its module (imported by name) is among the code in the key.
         read = {"seed": p.seed, "device": str(device), "nproc": p.nproc, model: dataclasses.asdict(cfg)}
         key = saved.training_key(stage, read, (train_tokens, val_tokens, vocab), device)

@@ -15,6 +15,22 @@ import pytest
 from tests.conftest import ROOT, TINY_GPT, TRAIN_ARGS, stage, write_params
 
 
+def start_training(
+    params: Path, work: Path, env: dict[str, str] | None = None, quiet: bool = False
+) -> subprocess.Popen:
+    """The GPT's train stage in the background, its output one text pipe (or discarded when `quiet`)."""
+    env = (os.environ if env is None else env) | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "gpt", *TRAIN_ARGS, "--params", str(params)],
+        cwd=work,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def leftovers(work: Path) -> list[Path]:
     return [p for d in ("models", "curves") if (work / d).exists() for p in (work / d).iterdir()]
 
@@ -61,15 +77,7 @@ def test_sample_rejects_bad_prompt_and_top_k_and_samples_in_int8(prepared, tmp_p
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_killed_training_leaves_nothing_half_written_and_reruns(prepared, tmp_path, sig):
     write_params(tmp_path / "long.yaml", gpt=TINY_GPT | {"max_iters": 10**6, "eval_interval": 20})
-    env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "long.yaml")],
-        cwd=prepared,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_training(tmp_path / "long.yaml", prepared)
     deadline = time.monotonic() + 120
     seen = ""
     while "step 20:" not in seen and time.monotonic() < deadline:  # wait until it is mid-training
@@ -129,15 +137,9 @@ def test_the_train_stage_on_a_full_disk(prepared, tmp_path, tiny_disk):
 
 def test_a_truncated_state_is_ignored_with_a_warning(prepared, tmp_path):
     states = tmp_path / "states"
-    env = os.environ | {"CHARLM_STATE_DIR": str(states), "PYTHONPATH": str(ROOT)}
+    env = os.environ | {"CHARLM_STATE_DIR": str(states)}
     write_params(tmp_path / "p.yaml", gpt=TINY_GPT | {"max_iters": 10**6}, save_state_every_seconds=0.05)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml")],
-        cwd=prepared,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_training(tmp_path / "p.yaml", prepared, env, quiet=True)
     deadline = time.monotonic() + 120
     while not list(states.glob("*.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -147,14 +149,7 @@ def test_a_truncated_state_is_ignored_with_a_warning(prepared, tmp_path):
     (state,) = states.glob("*.pt")
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # e.g. a disk that filled mid-copy
     # The same params (the same key): it finds the state, refuses it, starts from step 0.
-    rerun = subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml")],
-        cwd=prepared,
-        env=env | {"PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    rerun = start_training(tmp_path / "p.yaml", prepared, env)
     seen = ""
     while "parameters on" not in seen or "gpt step 0:" not in seen:
         seen += rerun.stdout.readline()
