@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The lecture's model (its size and architecture: what nanoGPT's code and `benchmarks/reference.py`
 # build) and training settings, on params.yaml's optimizer and precision. Two micro-batches of 32: the
 # same optimizer step as one batch of 64, with half the activations.
-LECTURE_ARCH = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0)
+LECTURE_ARCH = dict(
+    position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False
+)
 LECTURE_GPT = dict(
     n_layer=6,
     n_head=6,
@@ -511,6 +513,9 @@ def print_table(r: dict) -> None:
 
 def worker(kind: str, kwargs: str) -> None:
     """One measurement in this fresh process (`run_worker` starts it); prints its JSON last."""
+    from charlm.device import keep_freed_memory
+
+    keep_freed_memory()  # as the pipeline's stages do (charlm.device.configure_threads)
     args = json.loads(kwargs)
     if "data" in args:
         args["data"] = Path(args["data"])

@@ -143,6 +143,7 @@ class GPTArchitecture:
     mlp: str = "gelu"  # "relu2": ReLU squared
     zero_init: bool = False  # the blocks' output projections start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    token_shift: bool = False  # add a learned per-channel share of the previous character's embedding
 
     def check_architecture(self, prefix: str = "") -> None:
         """The one set of rules, for params.yaml (`prefix` "gpt.") and for a model's config alike."""

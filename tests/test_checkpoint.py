@@ -95,7 +95,7 @@ def test_a_checkpoint_from_before_the_architecture_switches_still_loads(tmp_path
     # lecture's model, which is what the missing keys' defaults build.
     model = gpt()
     ckpt = make_checkpoint("gpt", model, TOK, {})
-    for key in ("position", "qk_norm", "mlp", "zero_init", "logit_softcap"):
+    for key in ("position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift"):
         del ckpt.config[key]
     path = tmp_path / "old.pt"
     save_checkpoint(path, ckpt)
@@ -116,12 +116,15 @@ def test_a_rope_checkpoint_round_trips_without_a_position_table(tmp_path):
         qk_norm=True,
         mlp="relu2",
         logit_softcap=5.0,
+        token_shift=True,
     )
     model = build_model("gpt", config)
+    with torch.no_grad():
+        model.token_shift.fill_(0.3)  # not its initial 0, so a load that dropped it would show
     path = tmp_path / "rope.pt"
     save_checkpoint(path, make_checkpoint("gpt", model, TOK, {}))
     ckpt = load_checkpoint(path)
     assert not any("position_embedding" in name for name in ckpt.state_dict)
-    assert ckpt.config["position"] == "rope" and ckpt.config["logit_softcap"] == 5.0
+    assert ckpt.config["position"] == "rope" and ckpt.config["logit_softcap"] == 5.0 and ckpt.config["token_shift"]
     idx = torch.randint(TOK.vocab_size, (1, 8))
     assert torch.equal(ckpt.build()(idx)[0], model.eval()(idx)[0])

@@ -65,7 +65,7 @@ def test_sequence_longer_than_block_size_is_an_error():
 def test_config_from_params_section():
     section = GPTParams(n_layer=1, n_head=2, n_embd=8, block_size=4)
     config = config_for("gpt", section, vocab_size=11)
-    lecture = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0)
+    lecture = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False)
     assert config == dict(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True) | lecture
     assert count_params(build_model("gpt", config)) > 0
 
@@ -134,7 +134,7 @@ def test_eval_mode_has_no_dropout():
 def test_lecture_switches_off_is_the_lecture_model_exactly():
     # The default config must be today's model: same parameters, same numbers.
     a = tiny_gpt()
-    b = tiny_gpt(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0)
+    b = tiny_gpt(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False)
     idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(4))
     assert a.state_dict().keys() == b.state_dict().keys()
     assert torch.equal(a(idx)[0], b(idx)[0])
@@ -194,9 +194,19 @@ def test_bad_switches_are_refused(bad):
         tiny_gpt(**bad)
 
 
-@pytest.mark.parametrize("arch", [{}, {"position": "rope", "qk_norm": True, "mlp": "relu2"}])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {},
+        {"position": "rope", "qk_norm": True, "mlp": "relu2"},
+        {"position": "rope", "token_shift": True},
+        {"token_shift": True},
+    ],
+)
 def test_kv_cache_matches_full_forward_for_either_architecture(arch):
     model = tiny_gpt(**arch)
+    if model.token_shift is not None:  # starts at 0 (a no-op): make it matter
+        torch.nn.init.normal_(model.token_shift, std=0.5, generator=torch.Generator().manual_seed(10))
     idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(8))
     full, _ = model(idx)
     last, cache = model.forward_cached(idx[:, :9], None)
@@ -216,3 +226,26 @@ def test_one_layer_rope_cache_slides_exactly_like_recomputing_the_last_block():
         last, cache = model.forward_cached(idx[:, t : t + 1], cache)
         recomputed, _ = model(idx[:, t - 7 : t + 1])
         assert torch.allclose(last, recomputed[:, -1], atol=1e-5), t
+
+
+def test_token_shift_against_an_explicit_previous_character_sum():
+    model = tiny_gpt(token_shift=True)
+    assert torch.equal(model.token_shift, torch.zeros(32))  # starts as the lecture's embedding
+    gain = torch.randn(32, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        model.token_shift.copy_(gain)
+    idx = torch.randint(V, (2, 7), generator=torch.Generator().manual_seed(12))
+    emb, pos = model.token_embedding_table.weight, model.position_embedding_table.weight
+    for b in range(2):
+        for t in range(7):
+            expected = emb[idx[b, t]] + pos[t] + (gain * emb[idx[b, t - 1]] if t > 0 else 0)
+            assert torch.allclose(model._embed(idx, 0)[b, t], expected, atol=1e-6), (b, t)
+
+
+def test_token_shift_trains_and_changes_the_output():
+    model = tiny_gpt(token_shift=True).train()
+    idx = torch.randint(V, (4, 16), generator=torch.Generator().manual_seed(13))
+    _, loss = model(idx, torch.roll(idx, -1, 1))
+    loss.backward()
+    assert model.token_shift.grad is not None and model.token_shift.grad.abs().sum() > 0
+

@@ -10,7 +10,9 @@ default `GPTConfig` is the lecture's model (README "Models" has the measured eff
 `position="rope"` rotary position embeddings instead of a learned table; `qk_norm` RMS-normalises
 queries and keys per head (with a learned gain); `mlp="relu2"` squares a ReLU instead of GELU;
 `zero_init` starts the blocks' output projections at zero; `logit_softcap` bounds the logits
-with cap * tanh(logits / cap).
+with cap * tanh(logits / cap); `token_shift` adds to each character's embedding a learned per-channel
+share of the previous character's (RWKV's token shift, modded-nanogpt's "smear"), so the blocks get
+the last two characters without spending attention on it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class KVCache:
         self.capacity = config.block_size
         self.length = 0
         self.position = 0
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, C): the token shift's previous character
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v (B, nh, T, hs); return all keys and values held."""
@@ -198,6 +201,8 @@ class GPT(nn.Module):
             nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         )
         self.drop = Dropout(config.dropout)
+        # Starts at 0 (the lecture's embedding); a vector, so AdamW trains it without weight decay.
+        self.token_shift = nn.Parameter(torch.zeros(config.n_embd)) if config.token_shift else None
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -230,9 +235,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _embed(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor, start: int, cache: KVCache | None = None) -> torch.Tensor:
         T = idx.size(1)
         tok_emb = self.token_embedding_table(idx)  # (B, T, C)
+        if self.token_shift is not None:
+            tok_emb = self._shift(tok_emb, cache)
         if self.position_embedding_table is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -242,6 +249,17 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         pos_emb = self.position_embedding_table(pos)  # (T, C)
         return self.drop(tok_emb + pos_emb)  # (B, T, C)
+
+    def _shift(self, tok_emb: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """e_t + gain * e_(t-1). The first character of a sequence has no previous one (zeros), as at
+        the start of every training window; a cache hands over the one before its new tokens."""
+        before = cache.last_embedding if cache is not None else None
+        if before is None:
+            before = torch.zeros_like(tok_emb[:, :1])
+        previous = torch.cat([before, tok_emb[:, :-1]], dim=1)  # (B, T, C)
+        if cache is not None:
+            cache.last_embedding = tok_emb[:, -1:]
+        return tok_emb + self.token_shift * previous
 
     def _rope(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The rotation tables for positions [start, start+length), shared by every layer; None without RoPE.
@@ -287,7 +305,7 @@ class GPT(nn.Module):
         """
         if cache is None:
             cache = KVCache(self.config, idx.size(0), idx.device, self.token_embedding_table.weight.dtype)
-        x = self._embed(idx, cache.position)
+        x = self._embed(idx, cache.position, cache)
         rope = self._rope(cache.position, idx.size(1), idx.device)
         for layer, block in enumerate(self.blocks):
             x = block.forward_cached(x, cache, layer, rope)
