@@ -1,7 +1,8 @@
 """Device selection: `auto` picks and says so; an explicit device that is absent is an error.
 
 Never falls back silently (the lecture's scripts drop to the CPU unannounced): a run asked for
-`mps` either runs on mps or stops before any work, naming the devices this machine has.
+`mps` either runs on mps or stops before any work, naming the devices this machine has. Also the
+per-process CPU settings every computing stage makes: threads and the allocator (`configure_threads`).
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def keep_freed_memory() -> bool:
     """Ask glibc to keep freed blocks of up to 32 MB for reuse instead of returning them to the OS.
 
     Why: a training step frees and reallocates the same few-MB activation tensors every step, and
-    glibc serves blocks that large with fresh mmap pages, so each step page-faults (and zeroes) its
-    activations anew: measured at ~4x the page faults and 15-20% of a CPU step on either CPU class
-    (README "Performance"). Numerics are unchanged (torch aligns every block to 64 bytes either
-    way). True where applied (Linux with glibc); elsewhere the allocator is left as it is.
+    glibc returns blocks that large to the OS (unmapped, or trimmed off the heap's top), so each step
+    page-faults and the kernel zeroes its activations anew: several times the page faults, and a
+    large share of a CPU step on either class (README "Performance" has the measured effect).
+    Numerics are unchanged (torch aligns every block to 64 bytes either way; tested). True where
+    applied (Linux with glibc); elsewhere the allocator is left as it is.
     """
     if platform.system() != "Linux":
         return False
