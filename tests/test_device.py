@@ -70,10 +70,13 @@ print(applied, libc.mallinfo2().fordblks >> 20, faults)
 """
 
 
-@pytest.mark.skipif(
+GLIBC_ONLY = pytest.mark.skipif(
     __import__("platform").system() != "Linux" or __import__("platform").libc_ver()[0] != "glibc",
     reason="glibc only",
 )
+
+
+@GLIBC_ONLY
 def test_freed_activations_stay_in_the_process_for_the_next_step():
     import subprocess
     import sys
@@ -88,3 +91,36 @@ def test_freed_activations_stay_in_the_process_for_the_next_step():
     # (glibc's default adapts its thresholds as it goes and often hands such memory back to the OS,
     # so that case is not asserted: in training it was ~4x the page faults, README "Performance".)
     assert applied == "True" and held_mb >= 40 and faults < 40 * 256 // 4, (held_mb, faults)
+
+
+SAME_TRAINING = """
+import sys, torch
+from charlm.device import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+from charlm.models import build_model
+from charlm.params import GPTParams
+from charlm.training import train
+cfg = GPTParams(batch_size=8, block_size=32, max_iters=6, eval_interval=100, eval_iters=1, n_layer=2, n_head=2,
+                n_embd=64, optimizer="muon", ema_decay=0.9, position="rope", qk_norm=True, mlp="relu2")
+data = torch.randint(20, (4000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+net = build_model("gpt", dict(vocab_size=20, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0,
+                              position="rope", qk_norm=True, mlp="relu2"))
+train(net, data, data[:1000], cfg, torch.device("cpu"), 0)
+print(repr(torch.cat([p.detach().flatten() for p in net.parameters()]).tolist()[::97]))
+"""
+
+
+@GLIBC_ONLY
+def test_keeping_freed_memory_leaves_training_bit_for_bit_the_same():
+    # 256 KB activations: above glibc's initial mmap threshold, so the two runs allocate differently.
+    import subprocess
+    import sys
+
+    def weights(mode: str) -> str:
+        cmd = [sys.executable, "-c", SAME_TRAINING, mode]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    kept = weights("keep")
+    assert kept and kept == weights("plain")
