@@ -1,3 +1,7 @@
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -71,25 +75,22 @@ print(applied, libc.mallinfo2().fordblks >> 20, faults)
 
 
 GLIBC_ONLY = pytest.mark.skipif(
-    __import__("platform").system() != "Linux" or __import__("platform").libc_ver()[0] != "glibc",
-    reason="glibc only",
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
+
+
+def run_python(code: str, mode: str) -> str:
+    """What `code` prints, run in a fresh process (the allocator is set once per process)."""
+    return subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stdout
 
 
 @GLIBC_ONLY
 def test_freed_activations_stay_in_the_process_for_the_next_step():
-    import subprocess
-    import sys
-
-    def run(mode: str) -> tuple[str, int, int]:
-        out = subprocess.run([sys.executable, "-c", KEEP_CHECK, mode], capture_output=True, text=True, check=True)
-        applied, held_mb, faults = out.stdout.split()
-        return applied, int(held_mb), int(faults)
-
-    applied, held_mb, faults = run("keep")
+    applied, held_mb, faults = run_python(KEEP_CHECK, "keep").split()
+    held_mb, faults = int(held_mb), int(faults)
     # Kept: the freed 40 MB is held for reuse, so the third step maps few of its 10,240 pages in.
     # (glibc's default adapts its thresholds as it goes and often hands such memory back to the OS,
-    # so that case is not asserted: in training it was ~4x the page faults, README "Performance".)
+    # so that case is not asserted; in training it faulted far more, README "Performance".)
     assert applied == "True" and held_mb >= 40 and faults < 40 * 256 // 4, (held_mb, faults)
 
 
@@ -99,14 +100,13 @@ from charlm.device import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.manual_seed(0)
-from charlm.models import build_model
+from charlm.models import build_model, config_for
 from charlm.params import GPTParams
 from charlm.training import train
 cfg = GPTParams(batch_size=8, block_size=32, max_iters=6, eval_interval=100, eval_iters=1, n_layer=2, n_head=2,
                 n_embd=64, optimizer="muon", ema_decay=0.9, position="rope", qk_norm=True, mlp="relu2")
 data = torch.randint(20, (4000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-net = build_model("gpt", dict(vocab_size=20, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0,
-                              position="rope", qk_norm=True, mlp="relu2"))
+net = build_model("gpt", config_for("gpt", cfg, vocab_size=20))
 train(net, data, data[:1000], cfg, torch.device("cpu"), 0)
 print(repr(torch.cat([p.detach().flatten() for p in net.parameters()]).tolist()[::97]))
 """
@@ -115,12 +115,5 @@ print(repr(torch.cat([p.detach().flatten() for p in net.parameters()]).tolist()[
 @GLIBC_ONLY
 def test_keeping_freed_memory_leaves_training_bit_for_bit_the_same():
     # 256 KB activations: above glibc's initial mmap threshold, so the two runs allocate differently.
-    import subprocess
-    import sys
-
-    def weights(mode: str) -> str:
-        cmd = [sys.executable, "-c", SAME_TRAINING, mode]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-
-    kept = weights("keep")
-    assert kept and kept == weights("plain")
+    kept = run_python(SAME_TRAINING, "keep")
+    assert kept and kept == run_python(SAME_TRAINING, "plain")
