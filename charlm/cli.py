@@ -2,6 +2,7 @@
 
     charlm sample models/gpt.pt --prompt "ROMEO:" -n 300 --temperature 0.8
     charlm info models/gpt.pt
+    charlm positions models/gpt.pt data/val.bin
 
 The pipeline itself runs through DVC (`dvc repro`); this command is for using what it produced.
 """
@@ -115,6 +116,37 @@ def info(
                 print(f"  {section}:")
                 for key, value in card[section].items():
                     print(f"    {key:<18} {value}")
+
+
+@app.command(epilog="Example:\n\n  charlm positions models/gpt.pt data/val.bin --width 16")
+def positions(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by the train stage."),
+    split: Path = typer.Argument(..., help="A token file written by the split stage, e.g. data/val.bin."),
+    width: int = typer.Option(16, help="Positions per printed row."),
+) -> None:
+    """Print the loss by position in the window, over the split's windows the evaluate stage uses."""
+    with reported_errors("charlm positions"):
+        import torch
+
+        from charlm.batches import load_tokens
+        from charlm.checkpoint import load_checkpoint
+        from charlm.errors import UsageError
+        from charlm.evaluation import position_losses
+
+        if width <= 0:
+            raise UsageError(f"--width {width}: must be a positive number of positions")
+        ckpt = load_checkpoint(checkpoint)
+        block_size = ckpt.config.get("block_size")
+        if block_size is None:  # the bigram: every position predicts from one character
+            raise UsageError(f"{checkpoint}: a {ckpt.model_name} model has no context window; use a gpt checkpoint")
+        data = load_tokens(split, ckpt.tokenizer.dtype)
+        if len(data) <= block_size:
+            raise UsageError(f"{split}: {len(data)} tokens, shorter than the model's window of {block_size}")
+        losses = position_losses(ckpt.build(), data, block_size, torch.device("cpu"))
+        print(f"{split}: loss by position in windows of {block_size} (mean {losses.mean().item():.4f})")
+        for start in range(0, block_size, width):
+            part = losses[start : start + width]
+            print(f"  {start:>5}-{start + len(part) - 1:<5} {part.mean().item():.4f}")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ exact whole-split loss (the evaluate stage's metrics)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from charlm.batches import get_batch, sequential_windows
@@ -56,3 +57,28 @@ def split_loss(
         count += y.numel()
     model.train(was_training)
     return (total / count).item()
+
+
+@torch.inference_mode()
+def position_losses(model: nn.Module, data: torch.Tensor, block_size: int, device: torch.device) -> torch.Tensor:
+    """Mean loss (block_size,) at each position of the full windows `split_loss` averages, in float32.
+
+    Why: `split_loss` averages over positions 0..block_size-1 of each window, and the first few
+    predict from a few characters only; this shows how much of the metric that is (README "Params").
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(block_size, dtype=torch.float32, device=device)
+    windows = 0
+    for x, y in sequential_windows(data, block_size, EVAL_BATCH_SIZE):
+        if x.size(1) < block_size:  # the last, partial window: not every position is in it
+            continue
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
+        total += losses.sum(0)
+        windows += x.size(0)
+    model.train(was_training)
+    if windows == 0:
+        raise ValueError(f"split of {len(data)} tokens has no full window of block_size {block_size}")
+    return (total / windows).cpu()

@@ -85,7 +85,7 @@ def test_bad_checkpoint_is_one_line_exit_1(tmp_path):
 
 
 def test_help_has_examples():
-    for command in ("sample", "info"):
+    for command in ("sample", "info", "positions"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Example" in result.stdout
 
@@ -121,3 +121,21 @@ def test_info_quotes_the_metrics_where_dvc_yaml_puts_them(ckpt, tmp_path, monkey
     assert card["metrics"] == {"val_loss": 2.0}
     monkeypatch.chdir(tmp_path / "scores")  # no dvc.yaml here: no metrics, still a card
     assert "metrics" not in json.loads(runner.invoke(app, ["info", str(ckpt), "--json"]).stdout)
+
+
+def test_positions_prints_the_loss_by_position_and_refuses_what_it_cannot_measure(ckpt, tmp_path):
+    split = tmp_path / "val.bin"
+    split.write_bytes(TOK.encode_bytes("abc defgh ABC\n" * 20))
+    result = runner.invoke(app, ["positions", str(ckpt), str(split), "--width", "4"])
+    assert result.exit_code == 0, result.output
+    rows = result.stdout.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["0-3", "4-7", "8-11", "12-15"]  # block_size 16, 4 per row
+    assert "windows of 16" in result.stdout.splitlines()[0]
+    short = tmp_path / "short.bin"
+    short.write_bytes(TOK.encode_bytes("abc"))
+    refused = runner.invoke(app, ["positions", str(ckpt), str(short)])
+    assert refused.exit_code == 2 and "shorter than the model's window of 16" in refused.stderr
+    bigram = tmp_path / "bigram.pt"
+    save_checkpoint(bigram, make_checkpoint("bigram", build_model("bigram", {"vocab_size": TOK.vocab_size}), TOK, {}))
+    refused = runner.invoke(app, ["positions", str(bigram), str(split)])
+    assert refused.exit_code == 2 and "has no context window" in refused.stderr

@@ -379,6 +379,16 @@ def resumable_project(base: Path, env: dict[str, str]) -> Path:
     return project
 
 
+def state_mtimes(states: Path) -> list[float]:
+    found = []
+    for path in states.glob("train-gpt-*.pt"):
+        try:
+            found.append(path.stat().st_mtime)
+        except FileNotFoundError:  # replaced by a newer state between the listing and the stat
+            pass
+    return found
+
+
 def kill_training_mid_run(project: Path, env: dict[str, str], states: Path) -> None:
     """`dvc repro` until the GPT's training has saved a state, then kill -9 its train process."""
     import psutil
@@ -393,7 +403,10 @@ def kill_training_mid_run(project: Path, env: dict[str, str], states: Path) -> N
     # Mid-run: past the evaluation at step 200 (the live curve shows it), states saved since.
     while time.monotonic() < deadline and not (curve.exists() and "\n200," in curve.read_text()):
         time.sleep(0.02)
-    time.sleep(0.2)
+    # And a state saved after that evaluation: on a loaded machine the next save can take a while.
+    seen = time.time()
+    while time.monotonic() < deadline and not any(mtime > seen for mtime in state_mtimes(states)):
+        time.sleep(0.02)
     trainers = [
         p for p in psutil.Process(repro.pid).children(recursive=True) if "stages.train" in " ".join(p.cmdline())
     ]

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from charlm.batches import get_batch
-from charlm.evaluation import estimate_loss, split_loss
+from charlm.evaluation import estimate_loss, position_losses, split_loss
 from charlm.models import build_model, config_for
 from charlm.models.bigram import bigram_loss_floor
 from charlm.models.gpt.ops import explicit_causal_attention
@@ -247,3 +248,22 @@ def test_rope_float32_training_after_an_evaluation_without_a_weight_average(spli
         splits, position="rope", precision="float32", ema_decay=0.0, max_iters=3, eval_interval=1, dropout=0.1
     )
     assert len(result.curve) == 4
+
+
+def test_position_losses_average_to_the_split_loss_and_match_each_window_alone(splits):
+    vocab_size, _, va = splits
+    torch.manual_seed(0)
+    model = build_model("gpt", dict(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    data = va[: 16 * 7 + 1]  # 7 full windows of 16 and no partial one
+    by_position = position_losses(model, data, 16, torch.device("cpu"))
+    assert by_position.shape == (16,)
+    assert by_position.mean().item() == pytest.approx(split_loss(model, data, 16, torch.device("cpu")), rel=1e-5)
+    # Position 5 by hand: each window's own forward pass, its 6th prediction.
+    with torch.no_grad():
+        at_five = [
+            F.cross_entropy(model(data[s : s + 16].long()[None])[0][0, 5], data[s + 6].long()).item()
+            for s in range(0, 16 * 7, 16)
+        ]
+    assert by_position[5].item() == pytest.approx(sum(at_five) / 7, rel=1e-5)
+    with pytest.raises(ValueError, match="no full window"):
+        position_losses(model, va[:10], 16, torch.device("cpu"))
