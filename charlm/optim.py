@@ -54,6 +54,9 @@ class Muon(torch.optim.Optimizer):
     """Muon: SGD momentum (Nesterov), each 2-D update orthogonalised, decoupled weight decay.
 
     `ns_dtype` is the Newton-Schulz dtype; the training loop passes the one the device runs natively.
+    A param group with `stacked` = n > 1 holds matrices that are n equal matrices stacked by rows
+    (the GPT's fused query/key/value projection): each of the n is orthogonalised, and its lr scaled,
+    on its own, as if it were a separate layer (modded-nanogpt's treatment of q, k and v).
     """
 
     def __init__(
@@ -65,19 +68,22 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_dtype: torch.dtype = torch.float32,
     ) -> None:
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov}
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov, "stacked": 1}
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon updates matrices only; got a parameter of shape {tuple(p.shape)}")
+                if p.size(0) % group["stacked"]:
+                    raise ValueError(f"a {tuple(p.shape)} matrix does not split into {group['stacked']} by rows")
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
         for group in self.param_groups:
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            by_shape: dict[torch.Size, list[tuple[nn.Parameter, torch.Tensor]]] = defaultdict(list)
+            stacked = group.get("stacked", 1)  # a state saved before the key existed: 1
+            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -87,7 +93,9 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                by_shape[p.shape].append((p, update))
+                # Views: the in-place updates below write through to the stacked parameter.
+                for part, part_update in zip(p.chunk(stacked), update.chunk(stacked), strict=True):
+                    by_shape[part.shape].append((part, part_update))
             # One batched Newton-Schulz per shape: the blocks' matrices are small, and a batch of them
             # costs little more than one in kernel launches.
             for shape, items in by_shape.items():
@@ -97,6 +105,14 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - lr * weight_decay)
                     p.add_(o.to(p.dtype), alpha=-step_lr)
         return None
+
+
+def stacked_projections(model: nn.Module) -> list[nn.Parameter]:
+    """The blocks' fused query/key/value projections (`qkv`): three matrices stacked by rows each."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return []
+    return [m.qkv.weight for m in blocks.modules() if isinstance(getattr(m, "qkv", None), nn.Linear)]
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -160,8 +176,16 @@ def make_optimizer(
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
     if not muon_params:
         return adamw
+    stacked = {id(p) for p in stacked_projections(model)} if cfg.muon_split_qkv else set()
+    muon_groups = [
+        {"params": [p for p in muon_params if id(p) not in stacked]},
+        {"params": [p for p in muon_params if id(p) in stacked], "stacked": 3},
+    ]
     muon = Muon(
-        muon_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, ns_dtype=orthogonalization_dtype(device)
+        [g for g in muon_groups if g["params"]],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        ns_dtype=orthogonalization_dtype(device),
     )
     return MuonAdamW(muon, adamw)
 

@@ -87,6 +87,7 @@ class TrainConfig:
     eval_iters: int = 200
     precision: str = "float32"  # bfloat16 autocast where the device supports it; "auto" picks it there
     optimizer: str = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest (charlm.training)
+    muon_split_qkv: bool = False  # with muon: the GPT's query, key and value matrices orthogonalised each on its own
     ema_decay: float = 0.0  # > 0: keep and save an exponential moving average of the weights; 0 = off
 
     def check(self, section: str) -> None:
@@ -125,6 +126,7 @@ class BigramParams(TrainConfig):
             self.optimizer,
             "must be adamw: the bigram is one lookup table, with no hidden matrices for Muon",
         )
+        _check(not self.muon_split_qkv, "bigram.muon_split_qkv", self.muon_split_qkv, "must be false: no attention")
 
 
 @dataclass(frozen=True)

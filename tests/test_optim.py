@@ -70,3 +70,41 @@ def test_muon_asks_the_precision_rule_for_its_dtype(monkeypatch, forced, expecte
 def test_muon_refuses_vectors():
     with pytest.raises(ValueError, match="matrices only"):
         Muon([nn.Parameter(torch.zeros(4))], lr=0.1)
+
+
+def test_a_stacked_matrix_steps_as_its_parts_would_on_their_own():
+    """stacked=3 on a (3n, m) matrix: the update of three separate (n, m) matrices, lr scaled by (n, m)."""
+    g = torch.Generator().manual_seed(0)
+    fused = nn.Parameter(torch.randn(48, 16, generator=g) * 0.1)
+    parts = [nn.Parameter(chunk.detach().clone()) for chunk in fused.detach().chunk(3)]
+    opt_fused = Muon([{"params": [fused], "stacked": 3}], lr=0.02, weight_decay=0.1)
+    opt_parts = Muon(parts, lr=0.02, weight_decay=0.1)
+    unsplit = nn.Parameter(fused.detach().clone())
+    opt_unsplit = Muon([unsplit], lr=0.02, weight_decay=0.1)
+    for _ in range(4):
+        grad = torch.randn(48, 16, generator=g)
+        fused.grad, unsplit.grad = grad.clone(), grad.clone()
+        for part, chunk in zip(parts, grad.chunk(3), strict=True):
+            part.grad = chunk.clone()
+        for opt in (opt_fused, opt_parts, opt_unsplit):
+            opt.step()
+    assert torch.allclose(fused.detach(), torch.cat([p.detach() for p in parts]), rtol=0, atol=1e-6)
+    assert not torch.allclose(fused, unsplit, atol=1e-3)  # splitting really changes the update
+
+
+def test_muon_refuses_a_stack_that_does_not_divide_the_rows():
+    with pytest.raises(ValueError, match="does not split into 3"):
+        Muon([{"params": [nn.Parameter(torch.zeros(8, 4))], "stacked": 3}], lr=0.1)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_muon_split_qkv_puts_only_the_gpts_qkv_projections_in_the_stacked_group(split):
+    from charlm.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    cfg = TrainConfig(optimizer="muon", muon_split_qkv=split)
+    muon = make_optimizer(model, cfg, torch.device("cpu")).optimizers[0]
+    stacked = [p for group in muon.param_groups if group["stacked"] == 3 for p in group["params"]]
+    qkv = [block.attn.qkv.weight for block in model.blocks]
+    assert [id(p) for p in stacked] == ([id(p) for p in qkv] if split else [])
+    assert sum(len(group["params"]) for group in muon.param_groups) == 2 * 4  # every block matrix, once
