@@ -81,7 +81,14 @@ def training_memory(
     # ReLU^2 the ReLU's output besides its square (measured: tests/test_memory.py).
     saved = 19 + 4 * (config.get("position") == "rope") + 2 * bool(config.get("qk_norm"))
     saved += 4 * (config.get("mlp") == "relu2")
-    per_layer = saved * rows * tokens * width + rows * heads * tokens * tokens
+    # A sliding window keeps each chunk's keys and values beside the one before it (4 more), and
+    # scores for 2 * window keys per query instead of all of them.
+    window = int(config.get("attention_window", 0) or 0)
+    keys = tokens
+    if 0 < window < tokens:
+        saved += 4
+        keys = 2 * window
+    per_layer = saved * rows * tokens * width + rows * heads * tokens * keys
     activations = FLOAT32 * (layers * per_layer + 3 * rows * tokens * vocab + 2 * rows * tokens * width)
     adam = n_params - n_muon if optimizer == "muon" else n_params
     return TrainingMemory(

@@ -146,6 +146,7 @@ class GPTArchitecture:
     zero_init: bool = False  # the blocks' output projections start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     token_shift: bool = False  # add a learned per-channel share of the previous character's embedding
+    attention_window: int = 0  # > 0: each character attends to itself and the window - 1 before it; 0 = all
 
     def check_architecture(self, prefix: str = "") -> None:
         """The one set of rules, for params.yaml (`prefix` "gpt.") and for a model's config alike."""
@@ -164,6 +165,12 @@ class GPTArchitecture:
         )
         _check(self.mlp in GPT_MLPS, f"{prefix}mlp", self.mlp, f"must be one of {GPT_MLPS}")
         _check(self.logit_softcap >= 0.0, f"{prefix}logit_softcap", self.logit_softcap, "must be >= 0 (0 = off)")
+        _check(
+            self.attention_window >= 0,
+            f"{prefix}attention_window",
+            self.attention_window,
+            "must be >= 0 (0 = every earlier character, the lecture's causal attention)",
+        )
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, 
             on_token(next_id)
         if i == max_new_tokens - 1:
             break
-        if cache.length >= block_size and not slides:
+        if cache.position >= block_size and not slides:
             logits, cache = model.forward_cached(idx[:, -keep:], None)  # re-prefill: see module docstring
         else:
             logits, cache = model.forward_cached(next_id, cache)

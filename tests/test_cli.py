@@ -70,7 +70,7 @@ def test_info_card(ckpt):
     assert "gpt model" in result.stdout and "n_layer      1" in result.stdout and "train_seconds" in result.stdout
     card = json.loads(runner.invoke(app, ["info", str(ckpt), "--json"]).stdout)
     assert card["model"] == "gpt" and card["vocab_size"] == 13 and card["params"] > 0
-    switches = {"position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift"}
+    switches = {"position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift", "attention_window"}
     assert switches <= set(card["config"])  # how it was trained
     assert card["this_machine"]["sample_precision"] == "auto = int8 on the cpu"
 

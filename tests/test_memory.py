@@ -43,6 +43,8 @@ SHORT = {"max_iters": 3, "eval_interval": 100, "eval_iters": 1}
     [
         # the default recipe's switches, Muon and a weight average, at a small width
         {"position": "rope", "qk_norm": True, "mlp": "relu2", "optimizer": "muon", "ema_decay": 0.9, "n_embd": 128},
+        # a sliding window over long windows: its keys and values are kept twice, its scores are short
+        {"position": "rope", "block_size": 512, "batch_size": 8, "attention_window": 32, "n_embd": 128},
         # the lecture's model, wider, float32 AdamW: weights and optimizer state weigh more
         {"n_embd": 384, "n_head": 6, "n_layer": 2, "batch_size": 16, "block_size": 128, "precision": "float32"},
     ],

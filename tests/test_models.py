@@ -66,6 +66,7 @@ def test_config_from_params_section():
     section = GPTParams(n_layer=1, n_head=2, n_embd=8, block_size=4)
     config = config_for("gpt", section, vocab_size=11)
     lecture = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False)
+    lecture |= dict(attention_window=0)
     assert config == dict(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True) | lecture
     assert count_params(build_model("gpt", config)) > 0
 
@@ -201,6 +202,8 @@ def test_bad_switches_are_refused(bad):
         {"position": "rope", "qk_norm": True, "mlp": "relu2"},
         {"position": "rope", "token_shift": True},
         {"token_shift": True},
+        {"position": "rope", "attention_window": 4},  # a 9-character prompt: longer than the window
+        {"attention_window": 4},
     ],
 )
 def test_kv_cache_matches_full_forward_for_either_architecture(arch):
@@ -249,3 +252,62 @@ def test_token_shift_trains_and_changes_the_output():
     loss.backward()
     assert model.token_shift.grad is not None and model.token_shift.grad.abs().sum() > 0
 
+
+
+def band_attention(q, k, v, window):
+    """Reference: softmax over all keys with a (T, T) band mask, each query seeing itself and window - 1 before."""
+    T, hs = q.size(-2), q.size(-1)
+    i = torch.arange(T)
+    visible = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    scores = (q @ k.transpose(-2, -1)) * hs**-0.5
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+@pytest.mark.parametrize("T", [24, 21])  # a multiple of the window, and one the model pads
+def test_sliding_window_attention_against_a_band_mask(explicit, T):
+    model = tiny_gpt(attention_window=6, block_size=32)
+    attn = model.blocks[0].attn
+    g = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(2, 2, T, 16, generator=g, requires_grad=True) for _ in range(3))
+    y = attn._windowed(q, k, v, 0.0, explicit)
+    expected = band_attention(q, k, v, 6)
+    assert torch.allclose(y, expected, atol=1e-5)
+    # the backward too: the chunking must route every gradient to the key it came from
+    grads = torch.autograd.grad((y * expected.detach()).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * expected.detach()).sum(), (q, k, v))
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_window_as_long_as_the_text_is_the_causal_attention():
+    idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(15))
+    assert torch.equal(tiny_gpt(attention_window=16)(idx)[0], tiny_gpt()(idx)[0])
+    assert not torch.allclose(tiny_gpt(attention_window=4)(idx)[0], tiny_gpt()(idx)[0])
+
+
+def test_a_windowed_model_sees_exactly_n_layer_windows_back():
+    # 2 layers of window 4: position 20 reads positions 20 - 2 * 3 = 14 to 20, and nothing before.
+    model = tiny_gpt(position="rope", attention_window=4, block_size=32)
+    idx = torch.randint(V, (1, 32), generator=torch.Generator().manual_seed(16))
+    base, _ = model(idx)
+    for changed_at, seen in ((13, False), (14, True)):
+        other = idx.clone()
+        other[0, changed_at] = (other[0, changed_at] + 1) % V
+        logits, _ = model(other)
+        assert torch.allclose(logits[0, 20], base[0, 20], atol=1e-6) != seen, changed_at
+
+
+def test_windowed_rope_cache_slides_exactly_like_recomputing_the_last_block():
+    # With a window, the characters a prediction reads (n_layer * (window - 1) back) all lie inside
+    # the last block_size, so the lecture's recompute of that block and the sliding cache (which
+    # holds one window per layer) compute the same thing, for any number of layers.
+    model = tiny_gpt(position="rope", qk_norm=True, mlp="relu2", n_layer=3, attention_window=4, block_size=12)
+    assert model.config.n_layer * (model.config.attention_window - 1) < model.config.block_size
+    idx = torch.randint(V, (2, 60), generator=torch.Generator().manual_seed(17))
+    last, cache = model.forward_cached(idx[:, :12], None)
+    assert cache.capacity == 4  # all a new token can see
+    for t in range(12, 60):
+        last, cache = model.forward_cached(idx[:, t : t + 1], cache)
+        recomputed, _ = model(idx[:, t - 11 : t + 1])
+        assert torch.allclose(last, recomputed[:, -1], atol=1e-5), t

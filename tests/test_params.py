@@ -54,6 +54,7 @@ BAD = [
     ({"bigram": {"muon_split_qkv": True}}, "bigram.muon_split_qkv = True: must be false"),
     ({"gpt": {"muon_split_qkv": "split"}}, "gpt.muon_split_qkv = 'split'"),
     ({"gpt": {"ema_decay": 1.0}}, "gpt.ema_decay = 1.0: must be in [0, 1)"),
+    ({"gpt": {"attention_window": -8}}, "gpt.attention_window = -8: must be >= 0"),
     ({"bigram": {"ema_decay": -0.5}}, "bigram.ema_decay = -0.5: must be in [0, 1)"),
     ({"gpt": {"warmup_iters": -1}}, "gpt.warmup_iters = -1"),
     ({"gpt": {"min_lr_ratio": 2}}, "gpt.min_lr_ratio = 2.0"),

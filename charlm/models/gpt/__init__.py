@@ -12,11 +12,15 @@ queries and keys per head (with a learned gain); `mlp="relu2"` squares a ReLU in
 `zero_init` starts the blocks' output projections at zero; `logit_softcap` bounds the logits
 with cap * tanh(logits / cap); `token_shift` adds to each character's embedding a learned per-channel
 share of the previous character's (RWKV's token shift, modded-nanogpt's "smear"), so the blocks get
-the last two characters without spending attention on it.
+the last two characters without spending attention on it; `attention_window` W > 0 lets each
+character attend to itself and the W - 1 before it only (sliding-window attention, as in Longformer
+and Mistral): each layer reaches W further back, so n_layer layers still see n_layer * (W - 1)
+characters, and a window much shorter than `block_size` makes attention cost T * W instead of T^2.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.gpt.ops import Dropout, explicit_causal_attention
+from charlm.models.gpt.ops import Dropout, explicit_causal_attention, sliding_window_attention, window_mask
 from charlm.params import GPTArchitecture
 from charlm.precision import explicit_attention
 
@@ -45,31 +49,40 @@ class GPTConfig(GPTArchitecture):
 
 class KVCache:
     """Keys and values of every layer for the positions generated so far, preallocated to
-    `block_size` so each new token writes in place instead of concatenating.
+    `block_size` (or to the attention window, all a new token can see) so each new token writes in
+    place instead of concatenating.
 
-    `position` counts every token seen; `length` those held (at most `block_size`). Once full, a
+    `position` counts every token seen; `length` those held (at most the capacity). Once full, a
     cache of a RoPE model slides: a new token overwrites the oldest slot. Its keys carry their
     absolute rotation, and one query attends to a set of keys in any order, so no re-ordering or
     re-computation is needed (see `charlm.sampling` for how this compares to the lecture's loop).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        window = config.attention_window
+        self.capacity = window if 0 < window < config.block_size else config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, self.capacity, config.n_embd // config.n_head)
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty(shape, device=device, dtype=dtype)
-        self.capacity = config.block_size
         self.length = 0
         self.position = 0
         self.last_embedding: torch.Tensor | None = None  # (B, 1, C): the token shift's previous character
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (B, nh, T, hs); return all keys and values held."""
+        """Store this layer's new k, v (B, nh, T, hs); return all keys and values held (with the new ones),
+        or, for a prompt longer than a window-sized cache, the prompt's own (it keeps their last ones)."""
         T = k.size(2)
         if self.length + T <= self.capacity:
             end = self.length + T
             self.keys[layer, :, :, self.length : end] = k
             self.values[layer, :, :, self.length : end] = v
             return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        if self.length == 0:
+            # Position p lives in slot p % capacity, where the sliding below expects it.
+            slots = torch.arange(T - self.capacity, T, device=k.device) % self.capacity
+            self.keys[layer, :, :, slots] = k[:, :, -self.capacity :]
+            self.values[layer, :, :, slots] = v[:, :, -self.capacity :]
+            return k, v
         if T != 1:
             raise ValueError("a full KV cache takes one new token at a time")
         slot = self.position % self.capacity  # the oldest token's slot
@@ -112,6 +125,7 @@ class CausalSelfAttention(nn.Module):
         head_size = config.n_embd // config.n_head
         self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else None
+        self.window = config.attention_window
 
     def _heads(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -136,11 +150,27 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q, k, v = self._heads(x, rope)
         dropout_p = self.dropout if self.training else 0.0
-        if explicit_attention(x, dropout_p):  # CPU bf16, or CPU dropout: see the rule; tests compare the two
+        explicit = explicit_attention(x, dropout_p)  # CPU bf16, or CPU dropout: see the rule; tests compare the two
+        if 0 < self.window < q.size(2):
+            y = self._windowed(q, k, v, dropout_p, explicit)
+        elif explicit:
             y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
         return self._merge(y)
+
+    def _windowed(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, explicit: bool
+    ) -> torch.Tensor:
+        """Sliding-window attention; a length that is not a multiple of the window is padded at the
+        end (padded keys lie after every real query, so the causal mask hides them)."""
+        T, W = q.size(2), self.window
+        pad = -T % W
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        mask = _window_mask(q.size(2) // W, W, self.n_head, q.device)
+        y = sliding_window_attention(q, k, v, W, mask, dropout_p, explicit)
+        return y[:, :, :T] if pad else y
 
     def forward_cached(
         self, x: torch.Tensor, cache: KVCache, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -150,12 +180,23 @@ class CausalSelfAttention(nn.Module):
         k, v = cache.append(layer, k, v)  # (B, nh, T_past + T, hs)
         T_new, T_all = q.size(2), k.size(2)
         if T_new == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one query sees everything before it
+            y = F.scaled_dot_product_attention(q, k, v)  # one query sees everything held: its window
+        elif 0 < self.window < T_new:  # a prompt longer than the window, on a new cache: only its own keys
+            y = self._windowed(q, k, v, 0.0, explicit=False)
         else:
+            # Within a window-sized cache every held key is inside every new query's window.
             # New query i sits at absolute position T_all - T_new + i and may see keys up to there.
             mask = torch.ones(T_new, T_all, dtype=torch.bool, device=x.device).tril(T_all - T_new)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self._merge(y)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_mask(n_chunks: int, window: int, n_head: int, device: torch.device) -> torch.Tensor:
+    # Made outside inference mode even when first asked for by an evaluation: training saves the mask
+    # for its backward, which an inference tensor cannot be.
+    with torch.inference_mode(False):
+        return window_mask(n_chunks, window, n_head, device)
 
 
 class MLP(nn.Module):

@@ -59,22 +59,72 @@ class Dropout(nn.Module):
 
 
 def explicit_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, visible: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The lecture's attention: softmax(q k^T / sqrt(hs), causal) v, dropout on the weights.
 
-    The softmax runs in the input dtype: torch's CPU bf16 softmax accumulates in float32 and gives
-    exactly float32-softmax-then-cast (checked in tests), without materialising float32 copies of
-    the (B, nh, T, T) weights, which at the lecture's size cost a large share of the step.
+    `visible` (Tq, Tk), or broadcastable to the scores, replaces the causal mask (True = attend):
+    `sliding_window_attention` passes its windows' mask. The softmax runs in the input dtype: torch's
+    CPU bf16 softmax accumulates in float32 and gives exactly float32-softmax-then-cast (checked in
+    tests), without materialising float32 copies of the (B, nh, T, T) weights, which at the lecture's
+    size cost a large share of the step.
     """
     T, hs = q.size(-2), q.size(-1)
     # Scaling q (B, nh, T, hs) is T/hs times fewer multiplies than scaling the (B, nh, T, T) scores.
     att = (q * hs**-0.5) @ k.transpose(-2, -1)  # (B, nh, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1) if visible is None else ~visible
     # In place: the matmul's backward needs q and k, not its output, so no copy of the scores is kept.
-    att = att.masked_fill_(future, float("-inf")).softmax(dim=-1)
+    att = att.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
     drop, scale = dropped(att.shape, dropout_p) if dropout_p > 0 else (None, 1.0)
     if drop is None:
         return att @ v  # (B, nh, T, hs)
     # Dropout's rescale is applied to the (B, nh, T, hs) output, T/hs times smaller than the weights.
     return (att.masked_fill(drop, 0.0) @ v) * scale
+
+
+def window_mask(n_chunks: int, window: int, n_head: int, device: torch.device) -> torch.Tensor:
+    """(1, nh * n_chunks, W, 2W) bool, True = attend: query a of a chunk sees key b of [previous chunk,
+    own chunk] iff a < b <= a + W, i.e. itself and the W - 1 characters before it; the first chunk
+    has no previous one."""
+    a = torch.arange(window, device=device)[:, None]
+    b = torch.arange(2 * window, device=device)[None, :]
+    mask = ((b > a) & (b <= a + window)).expand(n_chunks, window, 2 * window).clone()
+    mask[0, :, :window] = False
+    return mask.repeat(n_head, 1, 1)[None]
+
+
+def chunk_pairs(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, nh, T, hs) -> (B, nh * T/W, 2W, hs): each chunk of W positions after the chunk before it
+    (zeros before the first), the keys or values a chunk of queries can see."""
+    B, nh, T, hs = x.shape
+    chunks = x.view(B, nh, T // window, window, hs)
+    before = torch.cat([x.new_zeros(B, nh, 1, window, hs), chunks[:, :, :-1]], dim=2)
+    return torch.cat([before, chunks], dim=3).view(B, nh * (T // window), 2 * window, hs)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    mask: torch.Tensor,
+    dropout_p: float = 0.0,
+    explicit: bool = False,
+) -> torch.Tensor:
+    """Causal attention in which each position sees itself and the `window` - 1 positions before it.
+
+    q, k, v (B, nh, T, hs) with T a multiple of `window`; `mask` is `window_mask` for T / window
+    chunks. The sequence is cut into chunks of `window` queries, each attending to its own chunk and
+    the one before (2W keys, the mask keeping W), so the work grows with T * W instead of T^2.
+    Why not SDPA with a (T, T) band mask: that computes all T^2 scores; and the chunks as 4-D
+    (B, nh * chunks, ...) tensors keep SDPA on its fused CPU kernel (a 5-D batch falls back to
+    separate ops, measured ~2x slower). `explicit` takes `explicit_causal_attention` (CPU bf16, dropout).
+    """
+    B, nh, T, hs = q.shape
+    queries = q.reshape(B, nh * (T // window), window, hs)  # a copy only where q is a strided view
+    keys, values = chunk_pairs(k, window), chunk_pairs(v, window)
+    if explicit:
+        y = explicit_causal_attention(queries, keys, values, dropout_p, visible=mask)
+    else:
+        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
+    return y.view(B, nh, T, hs)
