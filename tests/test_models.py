@@ -311,3 +311,18 @@ def test_windowed_rope_cache_slides_exactly_like_recomputing_the_last_block():
         last, cache = model.forward_cached(idx[:, t : t + 1], cache)
         recomputed, _ = model(idx[:, t - 11 : t + 1])
         assert torch.allclose(last, recomputed[:, -1], atol=1e-5), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_relu_gives_the_composed_ops_numbers_forward_and_backward(dtype):
+    import torch.nn.functional as F
+
+    from charlm.models.gpt.ops import squared_relu
+
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(16, 96, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(16, 96, generator=g).to(dtype)
+    ours = squared_relu(x)
+    composed = F.relu(x).square()
+    assert torch.equal(ours, composed)
+    assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, composed)))

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.gpt.ops import Dropout, explicit_causal_attention, sliding_window_attention, window_mask
+from charlm.models.gpt.ops import (
+    Dropout,
+    explicit_causal_attention,
+    sliding_window_attention,
+    squared_relu,
+    window_mask,
+)
 from charlm.params import GPTArchitecture
 from charlm.precision import explicit_attention
 
@@ -209,7 +215,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, 4C)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        h = squared_relu(h) if self.relu2 else F.gelu(h)
         return self.dropout(self.proj(h))
 
 

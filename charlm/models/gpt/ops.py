@@ -58,6 +58,30 @@ class Dropout(nn.Module):
         return dropout(x, self.p, self.training)
 
 
+class SquaredReLU(torch.autograd.Function):
+    """relu(x)^2 with one saved tensor and a one-op backward: grad * 2 relu(x).
+
+    Why: autograd's `F.relu(x).square()` keeps x and relu(x) and runs three passes over the MLP's
+    widest activation backward (square's two multiplies, then relu's mask); 2 relu(x) is already 0
+    where relu's mask would zero the gradient. Same numbers as the composed ops (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - torch's Function signature
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        (r,) = ctx.saved_tensors
+        return grad * (r + r)
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return SquaredReLU.apply(x)
+
+
 def explicit_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, visible: torch.Tensor | None = None
 ) -> torch.Tensor:
