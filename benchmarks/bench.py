@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # build) and training settings, on params.yaml's optimizer and precision. Two micro-batches of 32: the
 # same optimizer step as one batch of 64, with half the activations.
 LECTURE_ARCH = dict(
-    position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False
+    position="learned",
+    qk_norm=False,
+    mlp="gelu",
+    zero_init=False,
+    logit_softcap=0.0,
+    token_shift=False,
+    attention_window=0,
 )
 LECTURE_GPT = dict(
     n_layer=6,
@@ -135,10 +141,13 @@ def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
 
 def flops_per_token(config: dict) -> float:
     """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention's QK^T and AV
-    over the full T x T (what the kernels compute, causal mask or not)."""
+    over the keys the kernels compute, masked or not: all T, or with a sliding window W the 2W of a
+    chunk and the one before it."""
     C, L, T, V = config["n_embd"], config["n_layer"], config["block_size"], config["vocab_size"]
+    window = config.get("attention_window", 0)
+    keys = 2 * window if 0 < window < T else T
     matmul_weights = L * 12 * C * C + C * V  # per block: qkv 3C^2, proj C^2, MLP 8C^2; the head
-    return 6 * matmul_weights + 12 * L * T * C
+    return 6 * matmul_weights + 12 * L * keys * C
 
 
 def worker_steps(data: Path, overrides: dict, steps: int, rounds: int) -> dict:

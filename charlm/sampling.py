@@ -6,11 +6,13 @@ same text on cpu, cuda and mps (up to the logits' own rounding). Temperature 0 i
 The GPT path keeps a KV cache. While the text fits in `block_size` it gives exactly the tokens of
 the lecture's loop (which re-runs the whole cropped context for every token). Past `block_size`:
 
-- with RoPE (`position: rope`) the cache slides: each new token sees the last `block_size` tokens,
-  whose keys and values were computed when they were generated. For one layer that is exactly the
-  lecture's recompute of the last `block_size` characters (tested); with more layers it is not,
-  because the recompute forgets, in every layer, what lay before the window while the cached keys
-  remember it (a model of the same text with more context, as in streaming attention);
+- with RoPE (`position: rope`) the cache slides: each new token sees the last `block_size` tokens
+  (or its attention window), whose keys and values were computed when they were generated. With a
+  sliding attention window W and n_layer * (W - 1) < block_size (the default), that is exactly the
+  lecture's recompute of the last `block_size` characters, for any number of layers (tested): every
+  character a prediction reads lies inside that block either way. With full attention it is exact for
+  one layer only: with more, the recompute forgets, in every layer, what lay before the block while
+  the cached keys remember it (a model of the same text with more context, as in streaming attention);
 - with learned absolute positions the positions would have to shift under every cached key, so the
   cache is rebuilt from the last `block_size // 2` tokens and generation continues from there: each
   new token still sees at least half a block of context, for one batched forward per

@@ -95,7 +95,7 @@ def test_a_checkpoint_from_before_the_architecture_switches_still_loads(tmp_path
     # lecture's model, which is what the missing keys' defaults build.
     model = gpt()
     ckpt = make_checkpoint("gpt", model, TOK, {})
-    for key in ("position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift"):
+    for key in ("position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift", "attention_window"):
         del ckpt.config[key]
     path = tmp_path / "old.pt"
     save_checkpoint(path, ckpt)
@@ -117,6 +117,7 @@ def test_a_rope_checkpoint_round_trips_without_a_position_table(tmp_path):
         mlp="relu2",
         logit_softcap=5.0,
         token_shift=True,
+        attention_window=4,
     )
     model = build_model("gpt", config)
     with torch.no_grad():
@@ -126,5 +127,6 @@ def test_a_rope_checkpoint_round_trips_without_a_position_table(tmp_path):
     ckpt = load_checkpoint(path)
     assert not any("position_embedding" in name for name in ckpt.state_dict)
     assert ckpt.config["position"] == "rope" and ckpt.config["logit_softcap"] == 5.0 and ckpt.config["token_shift"]
+    assert ckpt.config["attention_window"] == 4
     idx = torch.randint(TOK.vocab_size, (1, 8))
     assert torch.equal(ckpt.build()(idx)[0], model.eval()(idx)[0])

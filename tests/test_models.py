@@ -66,7 +66,7 @@ def test_config_from_params_section():
     section = GPTParams(n_layer=1, n_head=2, n_embd=8, block_size=4)
     config = config_for("gpt", section, vocab_size=11)
     lecture = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False)
-    lecture |= dict(attention_window=0)
+    lecture |= dict(attention_window=0)  # every earlier character
     assert config == dict(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True) | lecture
     assert count_params(build_model("gpt", config)) > 0
 
@@ -135,7 +135,10 @@ def test_eval_mode_has_no_dropout():
 def test_lecture_switches_off_is_the_lecture_model_exactly():
     # The default config must be today's model: same parameters, same numbers.
     a = tiny_gpt()
-    b = tiny_gpt(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False)
+    b = tiny_gpt(
+        position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False,
+        attention_window=0,
+    )
     idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(4))
     assert a.state_dict().keys() == b.state_dict().keys()
     assert torch.equal(a(idx)[0], b(idx)[0])

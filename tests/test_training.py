@@ -267,3 +267,16 @@ def test_position_losses_average_to_the_split_loss_and_match_each_window_alone(s
     assert by_position[5].item() == pytest.approx(sum(at_five) / 7, rel=1e-5)
     with pytest.raises(ValueError, match="no full window"):
         position_losses(model, va[:10], 16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_windowed_gpt_learns_on_either_attention_path(splits, monkeypatch, precision):
+    """Sliding-window attention inside the real loop: SDPA in float32, the explicit ops with bf16 (forced
+    native here) and with dropout on the attention weights (dropout=0.1 in train_gpt)."""
+    monkeypatch.setenv("CHARLM_CPU_BF16", "1")
+    model, result = train_gpt(
+        splits, block_size=32, attention_window=8, position="rope", max_iters=30, precision=precision
+    )
+    assert result.precision == precision
+    first, last = result.curve[0], result.curve[-1]
+    assert last.train_loss < first.train_loss - 0.3
