@@ -329,3 +329,15 @@ def test_squared_relu_gives_the_composed_ops_numbers_forward_and_backward(dtype)
     composed = F.relu(x).square()
     assert torch.equal(ours, composed)
     assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, composed)))
+
+
+def test_the_default_window_lets_generation_slide_exactly():
+    # The sliding KV cache equals the lecture's recompute when everything a prediction reads,
+    # n_layer * (window - 1) characters back, fits in block_size: keep params.yaml's GPT that way.
+    from pathlib import Path
+
+    from charlm.params import load_params
+
+    gpt = load_params(Path(__file__).resolve().parent.parent / "params.yaml").gpt
+    assert gpt.position == "rope" and 0 < gpt.attention_window < gpt.block_size
+    assert gpt.n_layer * (gpt.attention_window - 1) < gpt.block_size
