@@ -8,9 +8,10 @@ from charlm.tokenizer import CharTokenizer, UnknownCharactersError
 V = 30
 
 
-def tiny_gpt(block_size=16):
+def tiny_gpt(block_size=16, **arch):
     torch.manual_seed(0)
-    return build_model("gpt", dict(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    config = dict(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32) | arch
+    return build_model("gpt", config).eval()
 
 
 def test_generation_length_is_max_new_tokens():
@@ -56,10 +57,21 @@ def test_kv_cache_gives_the_lecture_loop_tokens_while_context_fits():
     assert torch.equal(cached, plain)
 
 
-def test_kv_cache_past_block_size_keeps_going():
-    model = tiny_gpt(block_size=8)
+@pytest.mark.parametrize("arch", [{}, {"attention_window": 4}, {"attention_window": 4, "position": "rope"}])
+def test_kv_cache_past_block_size_keeps_going(arch):
+    # Learned positions re-prefill past block_size, also when the cache holds only a window.
+    model = tiny_gpt(block_size=8, **arch)
     out = generate(model, torch.tensor([[1]]), 50, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 51)
+
+
+def test_windowed_kv_cache_gives_the_lecture_loop_tokens_past_block_size():
+    # n_layer * (window - 1) = 6 < block_size 8: the sliding cache reads what the recompute reads.
+    model = tiny_gpt(block_size=8, attention_window=4, position="rope")
+    start = torch.tensor([[1, 2, 3]])
+    cached = generate(model, start, 40, generator=torch.Generator().manual_seed(8), use_cache=True)
+    plain = generate(model, start, 40, generator=torch.Generator().manual_seed(8), use_cache=False)
+    assert torch.equal(cached, plain)
 
 
 def test_bigram_generation_reads_only_the_last_token():

@@ -14,7 +14,7 @@ with cap * tanh(logits / cap); `token_shift` adds to each character's embedding 
 share of the previous character's (RWKV's token shift, modded-nanogpt's "smear"), so the blocks get
 the last two characters without spending attention on it; `attention_window` W > 0 lets each
 character attend to itself and the W - 1 before it only (sliding-window attention, as in Longformer
-and Mistral): each layer reaches W further back, so n_layer layers still see n_layer * (W - 1)
+and Mistral): each layer reaches W - 1 further back, so n_layer layers still see n_layer * (W - 1)
 characters, and a window much shorter than `block_size` makes attention cost T * W instead of T^2.
 """
 
