@@ -186,7 +186,8 @@ def train(
         if average is None:
             point = CurvePoint.without_average(step, trained["train"], trained["val"])
         else:
-            saved = estimate(average.model)
+            # At step 0 the average is the initial weights, which were just measured.
+            saved = trained if step == 0 else estimate(average.model)
             point = CurvePoint(step, trained["train"], trained["val"], saved["train"], saved["val"])
         curve.append(point)
         if on_eval is not None:

@@ -159,6 +159,30 @@ def test_rope_against_an_explicit_rotation():
             assert torch.allclose(torch.stack([out[0, 0, t, i], out[0, 0, t, i + hs // 2]]), pair, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_halves_formula_bit_for_bit_forward_and_backward(dtype):
+    """The whole-width tables give exactly the numbers (and gradients) of the textbook halves formula."""
+    from charlm.models.gpt import apply_rope, rope_angles
+
+    hs, T = 16, 7
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, T, hs, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(2, 3, T, hs, generator=g).to(dtype)
+    cos, sin = rope_angles(hs, 5, T, torch.device("cpu"))
+    out = apply_rope(x, cos, sin)
+    (fast,) = torch.autograd.grad(out, x, grad)
+
+    angles = torch.arange(5, 5 + T, dtype=torch.float64)[:, None] * 10000.0 ** (
+        -torch.arange(0, hs, 2, dtype=torch.float64) / hs
+    )
+    c, s = angles.cos().float().to(dtype), angles.sin().float().to(dtype)
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]
+    ref = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    (ref_grad,) = torch.autograd.grad(ref, x, grad)
+    assert torch.equal(out, ref)
+    assert torch.equal(fast, ref_grad)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     from charlm.models.gpt import apply_rope, rope_angles
 

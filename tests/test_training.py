@@ -220,6 +220,13 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
     trained = estimate_loss(last, {"train": tr, "val": va}, 16, 2, 8, eval_gen, torch.device("cpu"))
     assert result.curve[-1].val_loss == pytest.approx(trained["val"], abs=1e-6)
     assert result.curve[-1].train_loss == pytest.approx(trained["train"], abs=1e-6)
+    # Step 0 measures the initial weights once: the average is those weights then.
+    eval_gen = torch.Generator().manual_seed(0 + 1)
+    at_start = estimate_loss(initial, {"train": tr, "val": va}, 16, 2, 8, eval_gen, torch.device("cpu"))
+    first = result.curve[0]
+    assert first.step == 0 and (first.saved_train_loss, first.saved_val_loss) == (first.train_loss, first.val_loss)
+    assert first.val_loss == pytest.approx(at_start["val"], abs=1e-6)
+    assert first.train_loss == pytest.approx(at_start["train"], abs=1e-6)
 
 
 def test_curve_shows_the_trained_weights_ahead_of_the_lagging_average_early_on(splits):

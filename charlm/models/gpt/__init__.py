@@ -102,22 +102,30 @@ class KVCache:
 
 
 def rope_angles(head_size: int, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, hs/2) of the rotation angles pos * base^(-2i/hs) for positions [start, start+T).
+    """The rotation tables (T, hs) for positions [start, start+T): cos of the angles pos * base^(-2i/hs)
+    for both halves of a head, and sin with the first half negated, as `apply_rope` takes them.
 
     Computed in float64 on the CPU, then moved: a sliding KV cache reaches positions where float32
     angles would have lost their precision, and some devices (mps) have no float64.
     """
     inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
     angles = torch.arange(start, start + length, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float().to(device), torch.cat([-sin, sin], dim=-1).float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i + hs/2}) pair of `x` (B, nh, T, hs) by its position's angle."""
+    """Rotate each (x_i, x_{i + hs/2}) pair of `x` (B, nh, T, hs) by its position's angle:
+    (x1 cos - x2 sin, x2 cos + x1 sin), with the tables of `rope_angles`.
+
+    Why whole-width tables and the halves swapped: 4 passes over q and k forward instead of 7 (the
+    halves' 4 products, their sum and difference, and the concatenation), each pass a large share of a
+    float32 CPU step's small ops; the same numbers bit for bit (negation and the order of a two-term
+    sum are exact; tested).
+    """
     half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)  # (x2, x1)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -146,7 +154,7 @@ class CausalSelfAttention(nn.Module):
             q = F.rms_norm(q, hs, self.q_norm.weight.to(q.dtype), self.q_norm.eps)
             k = F.rms_norm(k, hs, self.k_norm.weight.to(k.dtype), self.k_norm.eps)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # cos, sin: (T, hs/2)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # cos, sin: (T, hs)
         return q, k, v
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
