@@ -38,14 +38,76 @@ def get_batch(
     """Random windows `x` and their targets `y`, which are `x` shifted left by one token."""
     if len(data) <= block_size:
         raise ValueError(f"split of {len(data)} tokens is too short for block_size {block_size}")
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
-    offsets = ix[:, None] + torch.arange(block_size + 1)  # (B, T+1)
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
+    return windows_at(data, starts, block_size, device)
+
+
+def windows_at(
+    data: torch.Tensor,
+    starts: torch.Tensor,
+    block_size: int,
+    device: torch.device = torch.device("cpu"),  # noqa: B008 - an immutable value
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows `x` starting at `starts` (B,) and their targets `y`, on `device`."""
+    offsets = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
     chunk = data[offsets].long()  # (B, T+1), one gather instead of a Python loop over rows
     x, y = chunk[:, :-1], chunk[:, 1:]
     if device != "cpu":
         x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
         y = y.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else y.to(device)
     return x, y
+
+
+class EpochWindows:
+    """Training windows drawn epoch by epoch (`batch_windows: epoch`), instead of the lecture's
+    independent random starts.
+
+    Each epoch picks a random offset below `block_size`, cuts the split from there into
+    non-overlapping windows and hands them out in a random order; the next epoch starts when they run
+    out (a batch may straddle two). So every character is a target about once per epoch, where
+    independent starts see some characters several times and others never (about e^-k of the split
+    is missed in k epochs' worth of random windows), and the offset moves the window boundaries
+    between epochs, so no character is always at the same position.
+
+    The generator is the sampler's own; with several processes, every process holds the same sampler
+    and takes its own slice of each draw (`take`), so together they still see each window once.
+    """
+
+    def __init__(self, n_tokens: int, block_size: int, generator: torch.Generator) -> None:
+        if n_tokens <= block_size:
+            raise ValueError(f"split of {n_tokens} tokens is too short for block_size {block_size}")
+        self.n_tokens = n_tokens
+        self.block_size = block_size
+        self.generator = generator
+        self.queue = torch.empty(0, dtype=torch.long)  # this epoch's windows not yet handed out
+        self.epoch = 0  # epochs begun
+
+    def _next_epoch(self) -> torch.Tensor:
+        # Below n_tokens - block_size too, so even a split barely longer than a window has one.
+        offset = int(torch.randint(min(self.block_size, self.n_tokens - self.block_size), (1,), generator=self.generator))
+        n_windows = (self.n_tokens - 1 - offset) // self.block_size  # each needs block_size + 1 tokens
+        self.epoch += 1
+        return offset + self.block_size * torch.randperm(n_windows, generator=self.generator)
+
+    def take(self, count: int) -> torch.Tensor:
+        """The next `count` window starts (count,), int64."""
+        while len(self.queue) < count:
+            self.queue = torch.cat([self.queue, self._next_epoch()])
+        starts, self.queue = self.queue[:count], self.queue[count:]
+        return starts
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Enough to continue the same sequence of windows (a resumed training run)."""
+        return {
+            "generator": self.generator.get_state(),
+            "queue": self.queue.clone(),
+            "epoch": torch.tensor(self.epoch),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.queue = state["queue"].clone()
+        self.epoch = int(state["epoch"])
 
 
 def sequential_windows(

@@ -25,6 +25,7 @@ DEFAULT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565
 MODEL_NAMES = ("bigram", "gpt")
 PRECISIONS = ("float32", "bfloat16", "auto")
 OPTIMIZERS = ("adamw", "muon")
+BATCH_WINDOWS = ("random", "epoch")
 SAMPLE_PRECISIONS = ("auto", "float32", "int8")
 GPT_POSITIONS = ("learned", "rope")
 GPT_MLPS = ("gelu", "relu2")
@@ -89,6 +90,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest (charlm.training)
     muon_split_qkv: bool = False  # with muon: the GPT's query, key and value matrices orthogonalised each on its own
     ema_decay: float = 0.0  # > 0: keep and save an exponential moving average of the weights; 0 = off
+    batch_windows: str = "random"  # "epoch": every window once per epoch, shuffled (charlm.batches.EpochWindows)
 
     def check(self, section: str) -> None:
         positive_ints = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters")
@@ -108,6 +110,12 @@ class TrainConfig:
         _check(self.grad_clip >= 0.0, f"{section}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(self.precision in PRECISIONS, f"{section}.precision", self.precision, f"must be one of {PRECISIONS}")
         _check(self.optimizer in OPTIMIZERS, f"{section}.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        _check(
+            self.batch_windows in BATCH_WINDOWS,
+            f"{section}.batch_windows",
+            self.batch_windows,
+            f"must be one of {BATCH_WINDOWS} (random: the lecture's independent starts)",
+        )
         _check(
             0.0 <= self.ema_decay < 1.0,
             f"{section}.ema_decay",

@@ -1,8 +1,8 @@
 """Saved training state, so an interrupted train stage resumes instead of starting again.
 
 The train stage saves everything the loop needs to continue exactly (weights, optimizer state with
-Muon's momentum, the weight average, each process's random generators, the step, the curve so far)
-every `save_state_every_seconds`. A resumed run ends with the same checkpoint and metrics as one
+Muon's momentum, the weight average, each process's random generators, the epoch sampler's place,
+the step, the curve so far) every `save_state_every_seconds`. A resumed run ends with the same checkpoint and metrics as one
 never interrupted, on the same CPU and thread count.
 
 Where: outside the workspace, in `$CHARLM_STATE_DIR` or `~/.cache/charlm/train-state`. DVC deletes
@@ -53,6 +53,7 @@ class TrainingState:
     randomness: list[dict[str, torch.Tensor]]  # one per process, by rank: see `capture_randomness`
     curve: list[CurvePoint]
     train_seconds: float
+    windows: dict[str, torch.Tensor] | None = None  # the epoch sampler's state (`batch_windows: epoch`)
 
 
 def capture_randomness(batch_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -186,6 +187,7 @@ def save_state(path: str | Path, state: TrainingState, key: str) -> None:
         "randomness": state.randomness,
         "curve": [[p.step, p.train_loss, p.val_loss, p.saved_train_loss, p.saved_val_loss] for p in state.curve],
         "train_seconds": state.train_seconds,
+        "windows": state.windows,
     }
     buffer = _io.BytesIO()
     torch.save(payload, buffer)
@@ -211,6 +213,7 @@ def load_state(path: str | Path, key: str) -> TrainingState:
             randomness=list(payload["randomness"]),
             curve=[CurvePoint(int(row[0]), *map(float, row[1:])) for row in payload["curve"]],
             train_seconds=float(payload["train_seconds"]),
+            windows=payload["windows"],
         )
     except (KeyError, TypeError, ValueError) as e:
         raise StateError(f"incomplete ({e})") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from charlm.batches import get_batch
+from charlm.batches import EpochWindows, get_batch, windows_at
 from charlm.curves import CurvePoint
 from charlm.device import synchronize
 from charlm.distributed import Distributed, rank_seed
@@ -142,6 +142,12 @@ def train(
     # Only the main process evaluates and saves, so only it needs the average.
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None
     batch_gen = torch.Generator().manual_seed(rank_seed(seed, dist.rank))  # each process its own batches
+    # The epoch sampler is the same in every process (rank 0's seed): each takes its slice of a draw.
+    epoch_windows = (
+        EpochWindows(len(train_data), cfg.block_size, torch.Generator().manual_seed(rank_seed(seed, 0)))
+        if cfg.batch_windows == "epoch"
+        else None
+    )
     eval_gen_seed = seed + 1  # fixed eval batches: every point of the curve is measured on the same text
     splits = {"train": train_data, "val": val_data}
     curve: list[CurvePoint] = []
@@ -155,6 +161,8 @@ def train(
         if average is not None:
             average.model.load_state_dict(resume.average)
         restore_randomness(resume.randomness[dist.rank], batch_gen, device)
+        if epoch_windows is not None:
+            epoch_windows.load_state_dict(resume.windows)
         curve, train_seconds, start_step = list(resume.curve), resume.train_seconds, resume.step
     last_save = time.monotonic()
 
@@ -174,6 +182,7 @@ def train(
                 randomness=streams,
                 curve=list(curve),
                 train_seconds=train_seconds,
+                windows=epoch_windows.state_dict() if epoch_windows is not None else None,
             )
             save_state(state)
 
@@ -205,7 +214,11 @@ def train(
             group["lr"] = learning_rate_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         for micro_step in range(accum_steps):
-            x, y = get_batch(train_data, micro, cfg.block_size, batch_gen, device)
+            if epoch_windows is None:
+                x, y = get_batch(train_data, micro, cfg.block_size, batch_gen, device)
+            else:
+                starts = epoch_windows.take(micro * dist.world_size)[dist.rank * micro : (dist.rank + 1) * micro]
+                x, y = windows_at(train_data, starts, cfg.block_size, device)
             # DDP all-reduces gradients on every backward; between micro-batches that is wasted work.
             last = micro_step == accum_steps - 1
             with net.no_sync() if net is not model and not last else contextlib.nullcontext():

@@ -131,6 +131,7 @@ def main(
             "device": str(device),
             "nproc": dist.world_size,
             "steps": cfg.max_iters,
+            "batch_windows": cfg.batch_windows,
         }
         save_checkpoint(checkpoint, make_checkpoint(model, net, tokenizer, stats))
         for done in {state_file, found}:

@@ -1,6 +1,6 @@
 import torch
 
-from charlm.batches import get_batch, load_tokens, sequential_windows
+from charlm.batches import EpochWindows, get_batch, load_tokens, sequential_windows, windows_at
 
 
 def test_targets_are_inputs_shifted_by_one():
@@ -18,6 +18,51 @@ def test_same_seed_same_batch():
     b = get_batch(data, 4, 8, torch.Generator().manual_seed(3))
     c = get_batch(data, 4, 8, torch.Generator().manual_seed(4))
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+def test_epoch_windows_hand_out_every_window_of_an_epoch_once_in_random_order():
+    n_tokens, block_size = 203, 10
+    windows = EpochWindows(n_tokens, block_size, torch.Generator().manual_seed(0))
+    offsets = set()
+    for epoch in range(1, 4):
+        first = windows.take(1)  # an empty queue: this begins the next epoch
+        assert windows.epoch == epoch
+        starts = torch.cat([first, windows.take(len(windows.queue))]).tolist()  # and this hands out the rest
+        offset = min(starts)
+        offsets.add(offset)
+        assert offset < block_size
+        # From its offset, the epoch cuts the split into every whole window (each needs block_size + 1 tokens).
+        assert sorted(starts) == list(range(offset, n_tokens - block_size, block_size))
+        assert starts != sorted(starts)  # shuffled
+    assert len(offsets) > 1  # the window boundaries move between epochs
+
+
+def test_epoch_windows_straddle_epochs_and_resume_from_their_state():
+    def sampler(seed):
+        return EpochWindows(500, 16, torch.Generator().manual_seed(seed))
+
+    whole = sampler(1)
+    draws = [whole.take(7) for _ in range(12)]  # 84 windows: about three epochs of ~30
+    assert whole.epoch >= 3
+    again = sampler(1)
+    state = None
+    for i, expected in enumerate(draws):
+        if i == 5:
+            state = again.state_dict()
+        assert torch.equal(again.take(7), expected)
+    resumed = sampler(99)  # everything must come from the state
+    resumed.load_state_dict(state)
+    for expected in draws[5:]:
+        assert torch.equal(resumed.take(7), expected)
+    assert not torch.equal(torch.cat([sampler(2).take(7) for _ in range(3)]), torch.cat(draws[:3]))
+
+
+def test_epoch_windows_fit_a_split_barely_longer_than_a_window():
+    windows = EpochWindows(12, 10, torch.Generator().manual_seed(0))
+    starts = windows.take(50)
+    data = torch.arange(12, dtype=torch.uint8)
+    x, y = windows_at(data, starts, 10)
+    assert torch.equal(y, x + 1) and int(starts.max()) + 10 < 12
 
 
 def test_sequential_windows_count_every_target_once():

@@ -49,9 +49,22 @@ def test_two_gloo_processes_match_one_process(prepared, tmp_path, optimizer):
     assert not any(k.startswith("module.") for k in ckpt.state_dict)  # the plain model, not the DDP wrapper
 
 
-def test_gradient_accumulation_keeps_the_global_batch(prepared, tmp_path):
-    run_training(prepared, tmp_path, "whole", nproc=1)
-    run_training(prepared, tmp_path, "accumulated", nproc=1, gpt={"micro_batch_size": 2})
+def test_with_epoch_windows_two_processes_train_on_the_single_process_batches(prepared, tmp_path):
+    # Every process holds the same epoch sampler and takes its half of each draw: together the same
+    # 8 windows a step as one process, so the same steps up to the all-reduce's rounding.
+    windows = {"batch_windows": "epoch"}
+    run_training(prepared, tmp_path, "single-epoch", nproc=1, gpt=windows)
+    run_training(prepared, tmp_path, "ddp-epoch", nproc=2, gpt=windows)
+    single, ddp = read_curve(prepared / "out" / "single-epoch.csv"), read_curve(prepared / "out" / "ddp-epoch.csv")
+    for a, b in zip(single, ddp, strict=True):
+        assert a.val_loss == pytest.approx(b.val_loss, abs=1e-3) and a.train_loss == pytest.approx(b.train_loss, abs=1e-3)
+    assert load_checkpoint(prepared / "out" / "ddp-epoch.pt").train_stats["batch_windows"] == "epoch"  # `charlm info`
+
+
+@pytest.mark.parametrize("batch_windows", ["random", "epoch"])
+def test_gradient_accumulation_keeps_the_global_batch(prepared, tmp_path, batch_windows):
+    run_training(prepared, tmp_path, "whole", nproc=1, gpt={"batch_windows": batch_windows})
+    run_training(prepared, tmp_path, "accumulated", nproc=1, gpt={"micro_batch_size": 2, "batch_windows": batch_windows})
     whole, accumulated = read_curve(prepared / "out" / "whole.csv"), read_curve(prepared / "out" / "accumulated.csv")
     for a, b in zip(whole, accumulated, strict=True):
         assert a.val_loss == pytest.approx(b.val_loss, abs=1e-3)

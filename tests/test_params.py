@@ -55,6 +55,8 @@ BAD = [
     ({"gpt": {"muon_split_qkv": "split"}}, "gpt.muon_split_qkv = 'split'"),
     ({"gpt": {"ema_decay": 1.0}}, "gpt.ema_decay = 1.0: must be in [0, 1)"),
     ({"gpt": {"attention_window": -8}}, "gpt.attention_window = -8: must be >= 0"),
+    ({"gpt": {"batch_windows": "shuffled"}}, "gpt.batch_windows = 'shuffled': must be one of ('random', 'epoch')"),
+    ({"bigram": {"batch_windows": 1}}, "bigram.batch_windows = 1: must be a string"),
     ({"bigram": {"ema_decay": -0.5}}, "bigram.ema_decay = -0.5: must be in [0, 1)"),
     ({"gpt": {"warmup_iters": -1}}, "gpt.warmup_iters = -1"),
     ({"gpt": {"min_lr_ratio": 2}}, "gpt.min_lr_ratio = 2.0"),
@@ -139,6 +141,7 @@ section_keys = st.sampled_from(
         "precision",
         "optimizer",
         "ema_decay",
+        "batch_windows",
         "bias",
     ]
 )
