@@ -84,7 +84,8 @@ class EpochWindows:
 
     def _next_epoch(self) -> torch.Tensor:
         # Below n_tokens - block_size too, so even a split barely longer than a window has one.
-        offset = int(torch.randint(min(self.block_size, self.n_tokens - self.block_size), (1,), generator=self.generator))
+        offsets = min(self.block_size, self.n_tokens - self.block_size)
+        offset = int(torch.randint(offsets, (1,), generator=self.generator))
         n_windows = (self.n_tokens - 1 - offset) // self.block_size  # each needs block_size + 1 tokens
         self.epoch += 1
         return offset + self.block_size * torch.randperm(n_windows, generator=self.generator)

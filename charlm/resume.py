@@ -2,8 +2,8 @@
 
 The train stage saves everything the loop needs to continue exactly (weights, optimizer state with
 Muon's momentum, the weight average, each process's random generators, the epoch sampler's place,
-the step, the curve so far) every `save_state_every_seconds`. A resumed run ends with the same checkpoint and metrics as one
-never interrupted, on the same CPU and thread count.
+the step, the curve so far) every `save_state_every_seconds`. A resumed run ends with the same
+checkpoint and metrics as one never interrupted, on the same CPU and thread count.
 
 Where: outside the workspace, in `$CHARLM_STATE_DIR` or `~/.cache/charlm/train-state`. DVC deletes
 a stage's outputs before it runs it (a `persist` output would survive, but it disables DVC's

@@ -57,14 +57,16 @@ def test_with_epoch_windows_two_processes_train_on_the_single_process_batches(pr
     run_training(prepared, tmp_path, "ddp-epoch", nproc=2, gpt=windows)
     single, ddp = read_curve(prepared / "out" / "single-epoch.csv"), read_curve(prepared / "out" / "ddp-epoch.csv")
     for a, b in zip(single, ddp, strict=True):
-        assert a.val_loss == pytest.approx(b.val_loss, abs=1e-3) and a.train_loss == pytest.approx(b.train_loss, abs=1e-3)
+        assert a.val_loss == pytest.approx(b.val_loss, abs=1e-3)
+        assert a.train_loss == pytest.approx(b.train_loss, abs=1e-3)
     assert load_checkpoint(prepared / "out" / "ddp-epoch.pt").train_stats["batch_windows"] == "epoch"  # `charlm info`
 
 
 @pytest.mark.parametrize("batch_windows", ["random", "epoch"])
 def test_gradient_accumulation_keeps_the_global_batch(prepared, tmp_path, batch_windows):
-    run_training(prepared, tmp_path, "whole", nproc=1, gpt={"batch_windows": batch_windows})
-    run_training(prepared, tmp_path, "accumulated", nproc=1, gpt={"micro_batch_size": 2, "batch_windows": batch_windows})
+    windows = {"batch_windows": batch_windows}
+    run_training(prepared, tmp_path, "whole", nproc=1, gpt=windows)
+    run_training(prepared, tmp_path, "accumulated", nproc=1, gpt=windows | {"micro_batch_size": 2})
     whole, accumulated = read_curve(prepared / "out" / "whole.csv"), read_curve(prepared / "out" / "accumulated.csv")
     for a, b in zip(whole, accumulated, strict=True):
         assert a.val_loss == pytest.approx(b.val_loss, abs=1e-3)

@@ -67,6 +67,30 @@ def dvc(args: str, project: Path, env: dict[str, str], check: bool = True) -> su
     return run([sys.executable, "-m", "dvc", *args.split()], project, env, check)
 
 
+def start_queue(project: Path, env: dict[str, str], jobs: int = 1) -> None:
+    """`dvc queue start`, its output to a file: it forks a daemon that inherits stdout/stderr, and a
+    captured pipe would then stay open for as long as that daemon lives."""
+    with open(project.parent / "queue-start.log", "ab") as log:  # outside the git workspace
+        cmd = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)]
+        subprocess.run(cmd, cwd=project, env=env, stdout=log, stderr=log, timeout=120, check=True)
+
+
+def stop_queue(project: Path, env: dict[str, str]) -> None:
+    """`dvc queue stop`, then end any worker of this project still alive: DVC's worker can hang after
+    its monitor decided to shut down while a task was still running ("monitor: shutting down due to
+    empty queue" in its log, then never exiting; seen once in this suite)."""
+    import psutil
+
+    dvc("queue stop", project, env, check=False)
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["cwd"] == str(project) and ("queue-worker" in cmdline or "queue start" in cmdline):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass  # it exited on its own meanwhile
+
+
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -321,14 +345,14 @@ def test_queued_sweep_runs_two_experiments_in_parallel(project, env):
     import time
 
     dvc("exp run --queue -S gpt.n_embd=16,32 -S threads=1", project, env)
-    dvc("queue start -j 2", project, env)
+    start_queue(project, env, jobs=2)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         status = dvc("queue status", project, env).stdout
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(2)
-    dvc("queue stop", project, env, check=False)
+    stop_queue(project, env)
     assert status.count("Success") >= 2, status
     rows = json.loads(dvc("exp show --json", project, env).stdout)
     results = {}
@@ -463,12 +487,12 @@ def test_training_killed_under_dvc_resumes_to_the_uninterrupted_result(tmp_path,
     run(["git", "commit", "-qm", "resumed run"], project, env)
     state.write_bytes(kept)
     dvc("exp run --queue -n resumed -S save_state_every_seconds=0.06", project, env)
-    dvc("queue start", project, env)
+    start_queue(project, env)
     deadline = time.monotonic() + 300
     while "Success" not in (status := dvc("queue status", project, env).stdout) and time.monotonic() < deadline:
         assert "Failed" not in status, dvc("queue logs resumed", project, env, check=False).stdout
         time.sleep(1)
-    dvc("queue stop", project, env, check=False)
+    stop_queue(project, env)
     assert "train@gpt: resuming from step" in dvc("queue logs resumed", project, env).stdout
     assert list(states.glob("*.pt")) == []
     dvc("exp apply resumed", project, env)

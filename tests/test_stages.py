@@ -28,6 +28,9 @@ def start_training(
         stdout=out,
         stderr=subprocess.STDOUT,
         text=True,
+        # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and
+        # Python then keeps it ignored (as it should for a background job): the stage gets Ctrl-C's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
