@@ -151,6 +151,20 @@ def explicit_attention(x: torch.Tensor, dropout_p: float = 0.0) -> bool:
     return bf16 or dropout_p > 0
 
 
+def window_attention_kernel(x: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """Which kernel `charlm.models.gpt.ops.sliding_window_attention` runs on `x`'s device.
+
+    On a CPU without attention dropout, charlm's "chunked" kernel in either dtype (measured faster
+    than SDPA in float32 and than the explicit ops in bf16: README "Performance"); with dropout, as
+    `explicit_attention` says. Off the CPU, SDPA (fused kernels; the chunked one is not measured there).
+    """
+    if x.device.type != "cpu":
+        return "sdpa"
+    if dropout_p == 0:
+        return "chunked"
+    return "explicit" if explicit_attention(x, dropout_p) else "sdpa"
+
+
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` (from `autocast_dtype`) on the device, or nothing for plain float32."""
     if dtype is None:

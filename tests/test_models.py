@@ -290,14 +290,14 @@ def band_attention(q, k, v, window):
     return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("explicit", [False, True])
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit", "chunked"])
 @pytest.mark.parametrize("T", [24, 21])  # a multiple of the window, and one the model pads
-def test_sliding_window_attention_against_a_band_mask(explicit, T):
+def test_sliding_window_attention_against_a_band_mask(kernel, T):
     model = tiny_gpt(attention_window=6, block_size=32)
     attn = model.blocks[0].attn
     g = torch.Generator().manual_seed(14)
     q, k, v = (torch.randn(2, 2, T, 16, generator=g, requires_grad=True) for _ in range(3))
-    y = attn._windowed(q, k, v, 0.0, explicit)
+    y = attn._windowed(q, k, v, 0.0, kernel)
     expected = band_attention(q, k, v, 6)
     assert torch.allclose(y, expected, atol=1e-5)
     # the backward too: the chunking must route every gradient to the key it came from
@@ -305,6 +305,40 @@ def test_sliding_window_attention_against_a_band_mask(explicit, T):
     expected_grads = torch.autograd.grad((expected * expected.detach()).sum(), (q, k, v))
     for a, b in zip(grads, expected_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_chunked_window_kernel_passes_gradcheck_in_float64():
+    from charlm.models.gpt.ops import ChunkedWindowAttention, window_mask
+
+    g = torch.Generator().manual_seed(18)
+    q, k, v = (torch.randn(2, 2, 12, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    visible = window_mask(3, 4, 1, torch.device("cpu"))[0]  # (chunks, W, 2W)
+    assert torch.autograd.gradcheck(lambda q, k, v: ChunkedWindowAttention.apply(q, k, v, 4, visible), (q, k, v))
+
+
+def test_the_chunked_window_kernel_in_bf16_stays_close_to_the_explicit_ops():
+    from charlm.models.gpt.ops import sliding_window_attention, window_mask
+
+    g = torch.Generator().manual_seed(19)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = window_mask(4, 4, 2, torch.device("cpu"))
+    outputs, grads = [], []
+    for kernel in ("explicit", "chunked"):
+        y = sliding_window_attention(q, k, v, 4, mask, kernel=kernel)
+        assert y.dtype == torch.bfloat16
+        outputs.append(y.float())
+        grads.append([t.float() for t in torch.autograd.grad(y.float().square().sum(), (q, k, v))])
+    assert (outputs[0] - outputs[1]).abs().max() < 0.05
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).abs().max() < 0.1 * max(1.0, a.abs().max().item())
+
+
+def test_the_chunked_window_kernel_refuses_dropout():
+    from charlm.models.gpt.ops import sliding_window_attention, window_mask
+
+    q = torch.zeros(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="no dropout"):
+        sliding_window_attention(q, q, q, 4, window_mask(2, 4, 1, torch.device("cpu")), 0.1, "chunked")
 
 
 def test_a_window_as_long_as_the_text_is_the_causal_attention():

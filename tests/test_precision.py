@@ -13,6 +13,7 @@ from charlm.precision import (
     explicit_attention,
     native_bf16,
     orthogonalization_dtype,
+    window_attention_kernel,
 )
 
 EPYC_GENOA = "processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -87,6 +88,16 @@ def test_explicit_attention_under_cpu_bf16_autocast_or_with_attention_dropout():
     assert explicit_attention(x, dropout_p=0.2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert explicit_attention(x)
+
+
+def test_the_window_attention_kernel_rule():
+    x = torch.zeros(2, 3)
+    assert window_attention_kernel(x) == "chunked"  # the default recipe on any CPU, float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert window_attention_kernel(x) == "chunked"  # and bf16
+        assert window_attention_kernel(x, dropout_p=0.1) == "explicit"
+    assert window_attention_kernel(x, dropout_p=0.1) == "explicit"  # dropout as random bytes
+    assert window_attention_kernel(torch.zeros(2, 3, device="meta")) == "sdpa"  # off the CPU
 
 
 @pytest.mark.parametrize("forced", ["0", "1"])

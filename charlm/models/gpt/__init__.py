@@ -36,7 +36,7 @@ from charlm.models.gpt.ops import (
     window_mask,
 )
 from charlm.params import GPTArchitecture
-from charlm.precision import explicit_attention
+from charlm.precision import explicit_attention, window_attention_kernel
 
 ROPE_BASE = 10000.0
 
@@ -164,17 +164,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q, k, v = self._heads(x, rope)
         dropout_p = self.dropout if self.training else 0.0
-        explicit = explicit_attention(x, dropout_p)  # CPU bf16, or CPU dropout: see the rule; tests compare the two
         if 0 < self.window < q.size(2):
-            y = self._windowed(q, k, v, dropout_p, explicit)
-        elif explicit:
+            y = self._windowed(q, k, v, dropout_p, window_attention_kernel(x, dropout_p))
+        elif explicit_attention(x, dropout_p):  # CPU bf16, or CPU dropout: see the rule; tests compare the two
             y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
         return self._merge(y)
 
     def _windowed(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, explicit: bool
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, kernel: str
     ) -> torch.Tensor:
         """Sliding-window attention; a length that is not a multiple of the window is padded at the
         end (padded keys lie after every real query, so the causal mask hides them)."""
@@ -183,7 +182,7 @@ class CausalSelfAttention(nn.Module):
         if pad:
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         mask = _window_mask(q.size(2) // W, W, self.n_head, q.device)
-        y = sliding_window_attention(q, k, v, W, mask, dropout_p, explicit)
+        y = sliding_window_attention(q, k, v, W, mask, dropout_p, kernel)
         return y[:, :, :T] if pad else y
 
     def forward_cached(
@@ -196,7 +195,7 @@ class CausalSelfAttention(nn.Module):
         if T_new == 1:
             y = F.scaled_dot_product_attention(q, k, v)  # one query sees everything held: its window
         elif 0 < self.window < T_new:  # a prompt longer than the window, on a new cache: only its own keys
-            y = self._windowed(q, k, v, 0.0, explicit=False)
+            y = self._windowed(q, k, v, 0.0, window_attention_kernel(x))
         else:
             # Within a window-sized cache every held key is inside every new query's window.
             # New query i sits at absolute position T_all - T_new + i and may see keys up to there.
