@@ -20,6 +20,9 @@ import torch
 from charlm.errors import UsageError
 
 FLOAT32 = 4
+# Bytes per activation element under bf16 autocast: the matmuls' outputs are bf16, the residual
+# stream, the norms' statistics and the loss stay float32 (measured: 0.55-0.6x float32's peak growth).
+BF16_AUTOCAST = 2.3
 
 
 class NotEnoughMemory(UsageError):
@@ -66,37 +69,44 @@ def training_memory(
     micro_batch: int,
     optimizer: str,
     weight_average: bool,
+    attention_matrix: bool = True,
+    activation_bytes: float = FLOAT32,
 ) -> TrainingMemory:
     """What one training process holds at its peak (float32 master weights whatever the autocast).
 
-    Activations per layer: ~19 activations of width n_embd per token (LayerNorms, QKV, attention
-    output, the 4x MLP before and after its activation, residuals) plus one attention matrix per head
-    (the explicit attention path keeps it; SDPA's is smaller), and the logits three times (logits,
-    soft-cap, log-softmax). The bigram has no blocks: its logits are all it keeps.
+    Activations per layer, in widths of n_embd per token, measured as the growth of peak RSS with the
+    batch (tests/test_memory.py): ~22 for the lecture's block (what its ops save for the backward,
+    plus the gradients and temporaries alive at the backward's peak), and more for each switch that
+    saves more. With `attention_matrix` (the explicit attention path: CPU bf16 or dropout) also two
+    (T, keys) matrices per head, which SDPA's fused kernels do not keep. The logits are kept three
+    times (logits, soft-cap, log-softmax). The bigram has no blocks: its logits are all it keeps.
+    `activation_bytes`: FLOAT32, or BF16_AUTOCAST under bf16 autocast.
     """
     rows, tokens = micro_batch, int(config.get("block_size", 1))
     width, heads, layers = int(config.get("n_embd", 0)), int(config.get("n_head", 0)), int(config.get("n_layer", 0))
     vocab = int(config["vocab_size"])
-    # Each switch keeps a few more: RoPE the rotated queries and keys, QK-norm the normalised ones,
-    # ReLU^2 the ReLU's output besides its square (measured: tests/test_memory.py).
-    saved = 19 + 4 * (config.get("position") == "rope") + 2 * bool(config.get("qk_norm"))
-    saved += 4 * (config.get("mlp") == "relu2")
-    # A sliding window keeps each chunk's keys and values beside the one before it (4 more), and
-    # scores for 2 * window keys per query instead of all of them.
+    # Measured per switch: RoPE keeps the rotated queries and keys and their halves swapped, QK-norm
+    # the normalised ones, ReLU^2 the ReLU's output besides its square (4 widths each) and its backward's
+    # temporaries.
+    saved = 22 + 8 * (config.get("position") == "rope") + 4 * bool(config.get("qk_norm"))
+    saved += 11 * (config.get("mlp") == "relu2")
+    # A sliding window keeps each chunk's keys and values beside the one before it, and scores for
+    # 2 * window keys per query instead of all of them.
     window = int(config.get("attention_window", 0) or 0)
     keys = tokens
     if 0 < window < tokens:
-        saved += 4
+        saved += 10
         keys = 2 * window
-    per_layer = saved * rows * tokens * width + rows * heads * tokens * keys
-    activations = FLOAT32 * (layers * per_layer + 3 * rows * tokens * vocab + 2 * rows * tokens * width)
+    # The explicit path's weights: the softmax's output, kept, and its gradient at the backward's peak.
+    per_layer = saved * rows * tokens * width + (2 * rows * heads * tokens * keys if attention_matrix else 0)
+    activations = activation_bytes * (layers * per_layer + 3 * rows * tokens * vocab + 2 * rows * tokens * width)
     adam = n_params - n_muon if optimizer == "muon" else n_params
     return TrainingMemory(
         parameters=FLOAT32 * n_params,
         gradients=FLOAT32 * n_params,
         optimizer=FLOAT32 * (2 * adam + (n_muon if optimizer == "muon" else 0)),
         average=FLOAT32 * n_params if weight_average else 0,
-        activations=activations,
+        activations=int(activations),
     )
 
 

@@ -21,7 +21,7 @@ from charlm.curves import CurvePoint
 from charlm.device import synchronize
 from charlm.distributed import Distributed, rank_seed
 from charlm.evaluation import estimate_loss
-from charlm.memory import TrainingMemory, available_memory, check_fits, training_memory
+from charlm.memory import BF16_AUTOCAST, FLOAT32, TrainingMemory, available_memory, check_fits, training_memory
 from charlm.optim import MuonAdamW, WeightAverage, hidden_matrices, make_optimizer
 from charlm.params import ParamsError, TrainConfig
 from charlm.precision import autocast_context, autocast_dtype
@@ -70,7 +70,12 @@ def check_training_memory(
     n_muon = sum(p.numel() for p in hidden_matrices(model))
     config = dataclasses.asdict(model.config)
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    need = training_memory(n_params, n_muon, config, micro, cfg.optimizer, cfg.ema_decay > 0)
+    # The explicit attention path keeps the (T, T) weights per head; SDPA's fused kernels do not.
+    amp = autocast_dtype(device, cfg.precision)
+    explicit = device.type == "cpu" and (amp is not None or float(config.get("dropout", 0.0) or 0.0) > 0)
+    need = training_memory(
+        n_params, n_muon, config, micro, cfg.optimizer, cfg.ema_decay > 0, explicit, BF16_AUTOCAST if amp else FLOAT32
+    )
     sharing = 1 if device.type == "cuda" else world_size
     sizes = ("n_embd", "n_layer", "n_head", "batch_size", "block_size")
     named = ", ".join(f"{name} = {getattr(cfg, name)}" for name in sizes if hasattr(cfg, name))

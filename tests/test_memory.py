@@ -60,11 +60,11 @@ def test_the_estimate_is_within_a_factor_of_the_measured_peak(config):
     )
     estimate, measured = json.loads(out.stdout.strip().splitlines()[-1])
     assert measured > 50e6  # enough that the ratio means something
-    # Measured/estimate is 0.69-1.45 over these and nearby configs (the recipe's switches and the sliding
-    # window are under-counted by ~1.4x; peak RSS also moves ~10% run to run with glibc's adaptive mmap
-    # threshold), and 1.61 once in a full suite: the bound is a factor of 2, what a pre-flight check
-    # against a typo-sized model needs.
-    assert 0.5 < measured / estimate < 2.0, (estimate, measured)
+    # Measured/estimate is 0.91-1.16 over these and a dozen nearby configs in float32 (0.81-1.45 under
+    # bf16 autocast, not run here: it is emulated on AVX2-only CPUs), and peak RSS moves ~10% run to
+    # run: a bound of 1.5 catches a term that goes missing (the old estimate, without the switches'
+    # and the window's measured terms, reached 1.61), 0.7 one counted twice.
+    assert 0.7 < measured / estimate < 1.5, (estimate, measured)
 
 
 def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
