@@ -75,7 +75,7 @@ class SquaredReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         (r,) = ctx.saved_tensors
-        return grad * (r + r)
+        return torch.mul(grad, r).mul_(2.0)  # = grad * 2r bit for bit (doubling is exact), one tensor fewer
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
