@@ -1,8 +1,9 @@
 """Fast ops for the GPT on a CPU, where torch's generic kernels are slow for this model's shapes.
 
-`charlm.precision.explicit_attention` (the capability rule of README "CPU classes") decides when the
-attention uses `explicit_causal_attention` instead of SDPA; `dropout` is used on every device and
-is plain `F.dropout` off the CPU. Tests compare each with torch's own op.
+`charlm.precision.explicit_attention` (the capability rule of README "CPU classes") decides when full
+attention uses `explicit_causal_attention` instead of SDPA, and `window_attention_kernel` which of
+SDPA, the explicit ops or `ChunkedWindowAttention` a sliding window uses; `dropout` is used on every
+device and is plain `F.dropout` off the CPU. Tests compare each with torch's own op or a plain reference.
 """
 
 from __future__ import annotations
