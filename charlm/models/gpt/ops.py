@@ -133,7 +133,7 @@ class ChunkedWindowAttention(torch.autograd.Function):
 
     Why: at the default's shapes (chunks of 32 queries, 64 keys, heads of 32) the work is tiny
     matmuls, and what costs is the passes around them. torch's fused CPU SDPA kernel and autograd
-    over the explicit ops each spend ~1.3-1.6x this function's time per layer (measured forward and
+    over the explicit ops spend ~1.25-1.6x this function's time per layer (microbenchmarks, forward and
     backward, float32 on emulated AVX2 and bf16 on AVX512-BF16; README "Performance"): no dropout
     mask, no zero-filled gradient buffers, the concatenation's backward folded into one add, and
     softmax's backward as torch's single fused op. Same results as the other kernels to float
