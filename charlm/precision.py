@@ -145,10 +145,14 @@ def explicit_attention(x: torch.Tensor, dropout_p: float = 0.0) -> bool:
     weights, where the explicit path draws one random byte per weight. Otherwise (float32, no
     dropout: inference, the default recipe) SDPA's fused kernel is the faster one.
     """
-    if x.device.type != "cpu":
-        return False
     bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return bf16 or dropout_p > 0
+    return attention_is_explicit(x.device.type, bf16, dropout_p)
+
+
+def attention_is_explicit(device_type: str, bf16_autocast: bool, dropout_p: float) -> bool:
+    """`explicit_attention`'s rule from the run's settings, for the memory estimate, which needs it
+    before any tensor exists (the explicit path keeps the (T, T) weights, SDPA's kernels do not)."""
+    return device_type == "cpu" and (bf16_autocast or dropout_p > 0)
 
 
 def window_attention_kernel(x: torch.Tensor, dropout_p: float = 0.0) -> str:

@@ -24,7 +24,7 @@ from charlm.evaluation import estimate_loss
 from charlm.memory import BF16_AUTOCAST, FLOAT32, TrainingMemory, available_memory, check_fits, training_memory
 from charlm.optim import MuonAdamW, WeightAverage, hidden_matrices, make_optimizer
 from charlm.params import ParamsError, TrainConfig
-from charlm.precision import autocast_context, autocast_dtype
+from charlm.precision import attention_is_explicit, autocast_context, autocast_dtype
 from charlm.resume import TrainingState, capture_randomness, restore_randomness
 
 
@@ -70,9 +70,8 @@ def check_training_memory(
     n_muon = sum(p.numel() for p in hidden_matrices(model))
     config = dataclasses.asdict(model.config)
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    # The explicit attention path keeps the (T, T) weights per head; SDPA's fused kernels do not.
     amp = autocast_dtype(device, cfg.precision)
-    explicit = device.type == "cpu" and (amp is not None or float(config.get("dropout", 0.0) or 0.0) > 0)
+    explicit = attention_is_explicit(device.type, amp == torch.bfloat16, float(config.get("dropout", 0.0) or 0.0))
     need = training_memory(
         n_params, n_muon, config, micro, cfg.optimizer, cfg.ema_decay > 0, explicit, BF16_AUTOCAST if amp else FLOAT32
     )
