@@ -159,14 +159,13 @@ def window_attention_kernel(x: torch.Tensor, dropout_p: float = 0.0) -> str:
     """Which kernel `charlm.models.gpt.ops.sliding_window_attention` runs on `x`'s device.
 
     On a CPU without attention dropout, charlm's "chunked" kernel in either dtype (measured faster
-    than SDPA in float32 and than the explicit ops in bf16: README "Performance"); with dropout, as
-    `explicit_attention` says. Off the CPU, SDPA (fused kernels; the chunked one is not measured there).
+    than SDPA in float32 and than the explicit ops in bf16: README "Performance"); with dropout the
+    explicit ops (random-byte dropout, as `explicit_attention` says for any CPU dropout). Off the CPU,
+    SDPA (fused kernels; the chunked one is not measured there).
     """
     if x.device.type != "cpu":
         return "sdpa"
-    if dropout_p == 0:
-        return "chunked"
-    return "explicit" if explicit_attention(x, dropout_p) else "sdpa"
+    return "chunked" if dropout_p == 0 else "explicit"
 
 
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
