@@ -389,6 +389,75 @@ def test_squared_relu_gives_the_composed_ops_numbers_forward_and_backward(dtype)
     assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, composed)))
 
 
+def composed_heads(qkv, q_gain, k_gain, cos, sin, n_head, eps=None):
+    """The ops `NormRotateHeads` fuses, as the model composes them off the CPU."""
+    import torch.nn.functional as F
+
+    from charlm.models.gpt import apply_rope
+
+    B, T, C3 = qkv.shape
+    q, k, v = (t.view(B, T, n_head, -1).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+    hs = (q.size(-1),)
+    q, k = F.rms_norm(q, hs, q_gain.to(q.dtype), eps), F.rms_norm(k, hs, k_gain.to(k.dtype), eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def heads_inputs(dtype, seed=20, B=2, T=12, n_head=3, hs=8, start=5):
+    from charlm.models.gpt import rope_angles
+
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, 3 * n_head * hs, generator=g).to(dtype).requires_grad_()
+    gain_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the model's gains stay float32
+    gains = [(1 + 0.3 * torch.randn(hs, generator=g)).to(gain_dtype).requires_grad_() for _ in range(2)]
+    cos, sin = (t.to(gains[0].dtype) for t in rope_angles(hs, start, T, torch.device("cpu")))
+    return qkv, gains[0], gains[1], cos, sin, n_head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_heads_op_gives_the_composed_ops_values_and_gradients(dtype):
+    from charlm.models.gpt.ops import norm_rotate_heads
+
+    qkv, q_gain, k_gain, cos, sin, n_head = heads_inputs(dtype)
+    grads_out = [torch.randn(2, 3, 12, 8, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3)]
+    results = []
+    for heads in (norm_rotate_heads, composed_heads):
+        outs = heads(qkv, q_gain, k_gain, cos, sin, n_head)
+        assert all(o.shape == (2, 3, 12, 8) and o.dtype == dtype for o in outs)
+        loss = sum((o.float() * g.float()).sum() for o, g in zip(outs, grads_out, strict=True))
+        results.append((outs, torch.autograd.grad(loss, (qkv, q_gain, k_gain))))
+    (fused, fused_grads), (composed, composed_grads) = results
+    tol = 1e-5 if dtype == torch.float32 else 0.05  # bf16: the composed RoPE rounds to bf16 at each op
+    assert torch.equal(fused[2], composed[2])  # v passes through
+    for a, b in zip(fused[:2], composed[:2], strict=True):
+        assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item())
+    for a, b in zip(fused_grads, composed_grads, strict=True):
+        assert a.dtype == b.dtype
+        assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item())
+
+
+def test_the_fused_heads_op_passes_gradcheck_in_float64():
+    from charlm.models.gpt.ops import NormRotateHeads
+
+    qkv, q_gain, k_gain, cos, sin, n_head = heads_inputs(torch.float64, B=1, T=4, n_head=2, hs=4)
+    assert torch.autograd.gradcheck(
+        lambda qkv, q_gain, k_gain: NormRotateHeads.apply(qkv, q_gain, k_gain, cos, sin, n_head, 1e-6),
+        (qkv, q_gain, k_gain),
+    )
+
+
+def test_a_cpu_model_with_qk_norm_and_rope_takes_the_fused_op(monkeypatch):
+    import charlm.models.gpt as gpt
+
+    calls = []
+    monkeypatch.setattr(gpt, "norm_rotate_heads", lambda *a: calls.append(1) or composed_heads(*a))
+    model = tiny_gpt(position="rope", qk_norm=True)
+    idx = torch.randint(V, (2, 16), generator=torch.Generator().manual_seed(21))
+    model(idx)
+    assert len(calls) == model.config.n_layer
+    tiny_gpt(position="rope")(idx)  # without QK-norm: the composed ops
+    assert len(calls) == model.config.n_layer
+
+
 def test_the_default_window_lets_generation_slide_exactly():
     # The sliding KV cache equals the lecture's recompute when everything a prediction reads,
     # n_layer * (window - 1) characters back, fits in block_size: keep params.yaml's GPT that way.

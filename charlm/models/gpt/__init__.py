@@ -31,6 +31,7 @@ from torch import nn
 from charlm.models.gpt.ops import (
     Dropout,
     explicit_causal_attention,
+    norm_rotate_heads,
     sliding_window_attention,
     squared_relu,
     window_mask,
@@ -145,6 +146,10 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
+        if self.q_norm is not None and rope is not None and x.device.type == "cpu":
+            # The same ops as below, fused by hand: the CPU's generic kernels are slow at these shapes.
+            q_gain, k_gain = self.q_norm.weight, self.k_norm.weight
+            return norm_rotate_heads(self.qkv(x), q_gain, k_gain, *rope, self.n_head, self.q_norm.eps)
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         shape = (B, T, self.n_head, C // self.n_head)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # 3 x (B, nh, T, hs)
