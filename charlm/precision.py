@@ -42,8 +42,19 @@ def cpu_bf16_from_facts(system: str, machine: str, cpuinfo: str, sysctl_feat_bf1
     return bool({"avx512_bf16", "amx_bf16"} & words)
 
 
+def cpu_amx_from_facts(system: str, machine: str, cpuinfo: str) -> bool:
+    """Whether an x86 CPU has AMX's bf16 tiles (Intel Sapphire Rapids and newer), from /proc/cpuinfo.
+
+    Not a different dtype rule (AMX is native bf16 like AVX512-BF16), but a different machine to read
+    figures from: its bf16 matmuls run ~5x AVX512-BF16's and round differently (README "Reference run").
+    """
+    x86 = machine.lower() in ("x86_64", "amd64")
+    return system == "Linux" and x86 and "amx_bf16" in set(re.findall(r"[a-z0-9_]+", cpuinfo.lower()))
+
+
 @functools.lru_cache(maxsize=1)
-def _detected_cpu_bf16() -> bool:
+def _cpu_facts() -> tuple[str, str, str, str] | None:
+    """(system, machine, cpuinfo, sysctl FEAT_BF16) of this machine, or None when they can't be read."""
     system, machine = platform.system(), platform.machine()
     cpuinfo = sysctl = ""
     if system == "Linux":
@@ -51,15 +62,20 @@ def _detected_cpu_bf16() -> bool:
             with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
                 cpuinfo = f.read()
         except OSError:
-            return False
+            return None
     elif system == "Darwin":
         try:
             sysctl = subprocess.run(
                 ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
             ).stdout
         except (OSError, subprocess.SubprocessError):
-            return False
-    return cpu_bf16_from_facts(system, machine, cpuinfo, sysctl)
+            return None
+    return system, machine, cpuinfo, sysctl
+
+
+def _detected_cpu_bf16() -> bool:
+    facts = _cpu_facts()
+    return facts is not None and cpu_bf16_from_facts(*facts)
 
 
 def cpu_native_bf16() -> bool:
@@ -84,11 +100,13 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def describe_cpu() -> str:
-    """The CPU class, as the README's tables name it: AVX512-BF16 (or ARM/Apple bf16), AVX2, other."""
+    """The CPU class, as the README's tables name it: AVX512-BF16 (with AMX or not), ARM/Apple bf16, AVX2, other."""
     native = cpu_native_bf16()
     forced = f" ({CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]})" if os.environ.get(CPU_BF16_ENV) else ""
     capability = torch.backends.cpu.get_cpu_capability()  # what ATen's kernels were dispatched for
-    return f"{capability}, native bf16: {'yes' if native else 'no'}{forced}"
+    facts = _cpu_facts()
+    amx = " (AMX)" if native and facts is not None and cpu_amx_from_facts(*facts[:3]) else ""
+    return f"{capability}, native bf16: {'yes' if native else 'no'}{amx}{forced}"
 
 
 def autocast_dtype(device: torch.device | str, precision: str) -> torch.dtype | None:

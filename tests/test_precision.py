@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+import charlm.precision
 from charlm.errors import UsageError
 from charlm.precision import (
     CPU_BF16_ENV,
     autocast_dtype,
+    cpu_amx_from_facts,
     cpu_bf16_from_facts,
     cpu_native_bf16,
     describe_cpu,
@@ -55,6 +57,31 @@ def test_a_bad_override_is_a_one_line_usage_error(monkeypatch):
     monkeypatch.setenv(CPU_BF16_ENV, "yes")
     with pytest.raises(UsageError, match=f"{CPU_BF16_ENV} = 'yes': must be 0 or 1"):
         cpu_native_bf16()
+
+
+@pytest.mark.parametrize(
+    ("system", "machine", "cpuinfo", "amx"),
+    [
+        ("Linux", "x86_64", SAPPHIRE_RAPIDS, True),
+        ("Linux", "x86_64", EPYC_GENOA, False),  # AVX512-BF16 without AMX
+        ("Linux", "x86_64", "flags : amx_bf16x\n", False),  # whole words only
+        ("Linux", "aarch64", SAPPHIRE_RAPIDS, False),
+        ("Darwin", "x86_64", SAPPHIRE_RAPIDS, False),
+    ],
+)
+def test_amx_from_what_the_os_reports(system, machine, cpuinfo, amx):
+    assert cpu_amx_from_facts(system, machine, cpuinfo) is amx
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "forced", "says_amx"),
+    [(SAPPHIRE_RAPIDS, "1", True), (SAPPHIRE_RAPIDS, "0", False), (EPYC_GENOA, "1", False)],
+)
+def test_describe_cpu_names_amx_only_where_bf16_runs_on_it(monkeypatch, cpuinfo, forced, says_amx):
+    # An AMX machine told to behave like an AVX2 one (CHARLM_CPU_BF16=0) must not be described as AMX.
+    monkeypatch.setattr(charlm.precision, "_cpu_facts", lambda: ("Linux", "x86_64", cpuinfo, ""))
+    monkeypatch.setenv(CPU_BF16_ENV, forced)
+    assert ("(AMX)" in describe_cpu()) is says_amx
 
 
 def test_this_machine_is_detected_as_its_flags_say(monkeypatch):
