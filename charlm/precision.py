@@ -46,7 +46,7 @@ def cpu_amx_from_facts(system: str, machine: str, cpuinfo: str) -> bool:
     """Whether an x86 CPU has AMX's bf16 tiles (Intel Sapphire Rapids and newer), from /proc/cpuinfo.
 
     Not a different dtype rule (AMX is native bf16 like AVX512-BF16), but a different machine to read
-    figures from: its bf16 matmuls run ~5x AVX512-BF16's and round differently (README "Reference run").
+    figures from: its bf16 matmuls run ~4.5x AVX512-BF16's and round differently (README "Reference run").
     """
     x86 = machine.lower() in ("x86_64", "amd64")
     return system == "Linux" and x86 and "amx_bf16" in set(re.findall(r"[a-z0-9_]+", cpuinfo.lower()))
