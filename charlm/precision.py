@@ -27,6 +27,11 @@ from charlm.params import PRECISIONS
 CPU_BF16_ENV = "CHARLM_CPU_BF16"
 
 
+def _cpu_flags(cpuinfo: str) -> set[str]:
+    """The whole words of /proc/cpuinfo, so `avx512_bf16x` never reads as `avx512_bf16`."""
+    return set(re.findall(r"[a-z0-9_]+", cpuinfo.lower()))
+
+
 def cpu_bf16_from_facts(system: str, machine: str, cpuinfo: str, sysctl_feat_bf16: str = "") -> bool:
     """Whether a CPU computes bf16 natively, from what the OS reports (a pure function, for tests).
 
@@ -36,7 +41,7 @@ def cpu_bf16_from_facts(system: str, machine: str, cpuinfo: str, sysctl_feat_bf1
         return sysctl_feat_bf16.strip() == "1"
     if system != "Linux":
         return False  # no flag we can read: the safe answer is float32
-    words = set(re.findall(r"[a-z0-9_]+", cpuinfo.lower()))
+    words = _cpu_flags(cpuinfo)
     if machine.lower() in ("aarch64", "arm64"):
         return "bf16" in words  # the Features line of ARMv8.6+ cores (Graviton 3, Neoverse V1/N2)
     return bool({"avx512_bf16", "amx_bf16"} & words)
@@ -49,7 +54,7 @@ def cpu_amx_from_facts(system: str, machine: str, cpuinfo: str) -> bool:
     figures from: its bf16 matmuls run ~4.5x AVX512-BF16's and round differently (README "Reference run").
     """
     x86 = machine.lower() in ("x86_64", "amd64")
-    return system == "Linux" and x86 and "amx_bf16" in set(re.findall(r"[a-z0-9_]+", cpuinfo.lower()))
+    return system == "Linux" and x86 and "amx_bf16" in _cpu_flags(cpuinfo)
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,6 +78,7 @@ def _cpu_facts() -> tuple[str, str, str, str] | None:
     return system, machine, cpuinfo, sysctl
 
 
+@functools.lru_cache(maxsize=1)
 def _detected_cpu_bf16() -> bool:
     facts = _cpu_facts()
     return facts is not None and cpu_bf16_from_facts(*facts)
