@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,48 @@ def save_state(path: str | Path, state: TrainingState, key: str) -> None:
     buffer = _io.BytesIO()
     torch.save(payload, buffer)
     io.write_bytes(path, buffer.getbuffer())
+
+
+class StateWriter:
+    """Saves one run's resumable states to `path`. A state that cannot be written is a warning
+    (`warn`, once) and the run goes on without resumable states: a convenience never costs the run.
+    """
+
+    FIX = "set CHARLM_STATE_DIR to a writable directory, or save_state_every_seconds: 0 to turn them off"
+
+    def __init__(self, path: Path, key: str, warn: Callable[[str], None]) -> None:
+        self.path, self.key, self.warn = path, key, warn
+        self.failed: str | None = None  # why the run stopped saving states
+        self.saved_step: int | None = None  # the step of the last state written
+
+    def check(self) -> bool:
+        """Whether the directory takes a file: created if missing, probed with a small atomic write."""
+        probe = self.path.parent / f".probe-{os.getpid()}"
+        try:
+            io.write_bytes(probe, b"charlm")
+            probe.unlink()
+        except (OSError, CharlmError) as e:
+            self._give_up(f"cannot save resumable states in {self.path.parent}: {_reason(e)}")
+        return self.failed is None
+
+    def __call__(self, state: TrainingState) -> None:
+        if self.failed is not None:
+            return
+        try:
+            save_state(self.path, state, self.key)
+        except (OSError, CharlmError) as e:
+            self._give_up(f"cannot save the resumable state at step {state.step:,}: {_reason(e)}")
+        else:
+            self.saved_step = state.step
+
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        self.warn(f"warning: {why}; training goes on without resumable states ({self.FIX})")
+
+
+def _reason(e: BaseException) -> str:
+    # An OutputError already names the file, the cause and the fix; a bare OSError its cause.
+    return str(e) if isinstance(e, CharlmError) else (e.strerror or str(e))
 
 
 def load_state(path: str | Path, key: str) -> TrainingState:

@@ -10,8 +10,9 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,12 +21,18 @@ from charlm.batches import EpochWindows, get_batch, windows_at
 from charlm.curves import CurvePoint
 from charlm.device import synchronize
 from charlm.distributed import Distributed, rank_seed
+from charlm.errors import CharlmError
 from charlm.evaluation import estimate_loss
 from charlm.memory import BF16_AUTOCAST, FLOAT32, TrainingMemory, available_memory, check_fits, training_memory
+from charlm.models import build_model
 from charlm.optim import MuonAdamW, WeightAverage, hidden_matrices, make_optimizer
 from charlm.params import ParamsError, TrainConfig
 from charlm.precision import attention_is_explicit, autocast_context, autocast_dtype
 from charlm.resume import TrainingState, capture_randomness, restore_randomness
+
+
+class NonFiniteLoss(CharlmError):
+    """Training diverged: a loss that is NaN or infinite. Nothing trained after it is worth keeping."""
 
 
 @dataclass(frozen=True)
@@ -56,19 +63,35 @@ def micro_batches(cfg: TrainConfig, world_size: int, section: str = "") -> tuple
     return micro, per_process // micro
 
 
+def parameter_counts(model_name: str, config: Mapping[str, Any]) -> tuple[int, int]:
+    """(all parameters, the parameters Muon would take) of the model `config` describes, nothing allocated.
+
+    Built on torch's meta device from at most two blocks and extrapolated (every block has the same
+    parameters): a typo such as `n_layer: 1000000` would otherwise build a million modules, which costs
+    minutes and gigabytes whatever the device.
+    """
+
+    def count(layers: Mapping[str, Any]) -> tuple[int, int]:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = build_model(model_name, dict(layers))
+        return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in hidden_matrices(model))
+
+    n_layer = int(config.get("n_layer", 0) or 0)
+    if n_layer <= 2:
+        return count(config)
+    one, two = count({**config, "n_layer": 1}), count({**config, "n_layer": 2})
+    return one[0] + (n_layer - 1) * (two[0] - one[0]), one[1] + (n_layer - 1) * (two[1] - one[1])
+
+
 def check_training_memory(
-    section: str, cfg: TrainConfig, build: Callable[[], nn.Module], device: torch.device, world_size: int
+    section: str, cfg: TrainConfig, config: Mapping[str, Any], device: torch.device, world_size: int
 ) -> TrainingMemory:
     """Refuse, in one line naming the params, a training run that cannot fit; else the estimate.
 
-    `build` makes the model (on torch's meta device here: nothing is allocated). On a CPU the
+    `config` is the model's config (`charlm.models.config_for`); the model is not built. On a CPU the
     `world_size` processes share the machine's memory; on CUDA each has its own GPU.
     """
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        model = build()
-    n_params = sum(p.numel() for p in model.parameters())
-    n_muon = sum(p.numel() for p in hidden_matrices(model))
-    config = dataclasses.asdict(model.config)
+    n_params, n_muon = parameter_counts(section, config)
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
     amp = autocast_dtype(device, cfg.precision)
     explicit = attention_is_explicit(device.type, amp == torch.bfloat16, float(config.get("dropout", 0.0) or 0.0))
@@ -169,8 +192,31 @@ def train(
             epoch_windows.load_state_dict(resume.windows)
         curve, train_seconds, start_step = list(resume.curve), resume.train_seconds, resume.step
     last_save = time.monotonic()
+    precision = "float32" if amp is None else str(amp).removeprefix("torch.")
+    # Whether every training loss so far was finite, kept on the device: reading it is a host sync, so
+    # on an accelerator it is read only where the loop syncs anyway (evaluations, state saves, the end);
+    # on a CPU reading it costs nothing, so every step.
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    checked = start_step
+
+    def check_finite(steps_done: int) -> None:
+        nonlocal checked
+        if not bool(finite):
+            exact = steps_done - checked <= 1
+            when = f"at step {steps_done:,}" if exact else f"between steps {checked:,} and {steps_done:,}"
+            raise diverged(f"the training loss is not finite (NaN or infinite) {when}")
+        checked = steps_done
+
+    def diverged(what: str) -> NonFiniteLoss:
+        return NonFiniteLoss(
+            f"{what} on {device} in {precision}; nothing was written. "
+            "Try a lower learning_rate, or precision: float32, or device: cpu to compare"
+        )
 
     def snapshot(steps_done: int) -> None:
+        # A state saved from diverged weights would resume into the same NaNs: keep the last good one.
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise diverged(f"the weights are not finite (NaN or infinite) after step {steps_done:,}")
         streams = [capture_randomness(batch_gen, device)]
         if dist.world_size > 1:
             import torch.distributed as torch_dist
@@ -195,6 +241,7 @@ def train(
         return estimate_loss(net, splits, cfg.block_size, cfg.eval_iters, cfg.batch_size, generator, device, amp)
 
     def evaluate(step: int) -> None:
+        check_finite(step)
         trained = estimate(model)
         if average is None:
             point = CurvePoint.without_average(step, trained["train"], trained["val"])
@@ -202,6 +249,8 @@ def train(
             # At step 0 the average is the initial weights, which were just measured.
             saved = trained if step == 0 else estimate(average.model)
             point = CurvePoint(step, trained["train"], trained["val"], saved["train"], saved["val"])
+        if not all(math.isfinite(loss) for loss in dataclasses.astuple(point)):
+            raise diverged(f"the loss estimates at step {step:,} are not finite (NaN or infinite)")
         curve.append(point)
         if on_eval is not None:
             on_eval(point)
@@ -229,6 +278,9 @@ def train(
                 with autocast_context(device, amp):
                     _, loss = net(x, y)
                 (loss / accum_steps if accum_steps > 1 else loss).backward()
+                finite &= torch.isfinite(loss.detach())
+        if device.type == "cpu":
+            check_finite(step + 1)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -238,6 +290,7 @@ def train(
         if save_state is not None and not last_step and _save_due(step, last_save, save_every_seconds, dist, device):
             synchronize(device)
             train_seconds += time.perf_counter() - started
+            check_finite(step + 1)  # a state is saved only from finite training
             snapshot(step + 1)
             last_save = time.monotonic()
             started = time.perf_counter()
@@ -246,6 +299,7 @@ def train(
             on_progress(step + 1, cfg.max_iters, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9))
     synchronize(device)
     train_seconds += time.perf_counter() - started
+    check_finite(cfg.max_iters)
     if dist.is_main:
         evaluate(cfg.max_iters)
     if average is not None:
@@ -254,7 +308,7 @@ def train(
         curve=curve,
         train_seconds=train_seconds,
         tokens_per_second=cfg.max_iters * tokens_per_step / max(train_seconds, 1e-9),
-        precision="float32" if amp is None else str(amp).removeprefix("torch."),
+        precision=precision,
     )
 
 

@@ -5,6 +5,7 @@ Every `save_state_every_seconds` it saves a resumable state (charlm/resume.py); 
 interruption continues from it.
 """
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from charlm.models import build_model, config_for, count_params
 from charlm.params import ParamsError, load_params
 from charlm.progress import Progress
 from charlm.tokenizer import CharTokenizer
-from charlm.training import check_training_memory, micro_batches, train
+from charlm.training import NonFiniteLoss, check_training_memory, micro_batches, train
 
 
 def main(
@@ -51,7 +52,7 @@ def main(
         if not distributed.under_torchrun():
             # Before any allocation or launch: a bad split of the batch, or a run that cannot fit, stops here.
             micro_batches(cfg, p.nproc, model)
-            check_training_memory(model, cfg, lambda: build_model(model, config), device, p.nproc)
+            check_training_memory(model, cfg, config, device, p.nproc)
             if p.nproc > 1:
                 distributed.relaunch_under_torchrun(p.nproc, "stages.train", sys.argv[1:])
                 return
@@ -74,6 +75,10 @@ def main(
                 print(warning, flush=True)
                 found.unlink(missing_ok=True)
             saved.remove_stale_states(state_dir, state_file)
+        # Only rank 0 writes states; every rank still takes part in a save (it gathers their random streams).
+        writer = saved.StateWriter(state_file, key, lambda line: print(f"{stage}: {line}", flush=True))
+        if dist.is_main and p.save_state_every_seconds > 0:
+            writer.check()
 
         if dist.rank:
             # Its own dropout masks; DDP copies rank 0's weights, so the initial ones do not matter.
@@ -97,9 +102,6 @@ def main(
                 write_curve(curve, points)
                 progress.on_eval(point)
 
-            def save_state(state: saved.TrainingState) -> None:
-                saved.save_state(state_file, state, key)
-
             try:
                 result = train(
                     net,
@@ -112,9 +114,14 @@ def main(
                     on_eval,
                     dist,
                     resume=resume_from,
-                    save_state=save_state if p.save_state_every_seconds > 0 else None,
+                    save_state=writer if p.save_state_every_seconds > 0 else None,
                     save_every_seconds=p.save_state_every_seconds,
                 )
+            except NonFiniteLoss as e:
+                if dist.is_main:
+                    curve.unlink(missing_ok=True)
+                kept = f"; the resumable state of step {writer.saved_step:,} is kept" if writer.saved_step else ""
+                raise NonFiniteLoss(f"{e}{kept}") from None
             except BaseException:
                 # A curve without its checkpoint is not an output (DVC deletes it before a re-run anyway).
                 if dist.is_main:
@@ -136,7 +143,8 @@ def main(
         save_checkpoint(checkpoint, make_checkpoint(model, net, tokenizer, stats))
         for done in {state_file, found}:
             if done is not None:
-                done.unlink(missing_ok=True)  # finished: nothing left to resume
+                with contextlib.suppress(OSError):  # a state directory that never worked has none
+                    done.unlink(missing_ok=True)  # finished: nothing left to resume
 
 
 if __name__ == "__main__":

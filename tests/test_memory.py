@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 vocab, tr, va = token_splits(2000)
 cfg = GPTParams(**json.loads(sys.argv[1]))
 config = config_for("gpt", cfg, vocab)
-estimate = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1).total
+estimate = check_training_memory("gpt", cfg, config, torch.device("cpu"), 1).total
 before = psutil.Process().memory_info().rss
 train(build_model("gpt", config), tr, va, cfg, torch.device("cpu"), 0)
 print(json.dumps([estimate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before]))
@@ -71,20 +71,64 @@ def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
     cfg = GPTParams(n_embd=10_000_000)
     config = config_for("gpt", cfg, 65)
     with pytest.raises(memory.NotEnoughMemory) as e:
-        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1)
+        check_training_memory("gpt", cfg, config, torch.device("cpu"), 1)
     message = str(e.value)
     assert message.startswith("gpt.n_embd = 10000000, n_layer = 4, n_head = 4, batch_size = 32, block_size = 128:")
     assert "needs about 76.8 PB but" in message and "is available" in message and "\n" not in message
 
 
+# Refuses one oversized config in a fresh process; prints (seconds, peak RSS growth in bytes, message).
+REFUSE = """
+import json, resource, sys, time
+import torch
+from charlm.memory import NotEnoughMemory
+from charlm.models import config_for
+from charlm.params import GPTParams
+from charlm.training import check_training_memory
+cfg = GPTParams(**json.loads(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+started = time.perf_counter()
+try:
+    check_training_memory("gpt", cfg, config_for("gpt", cfg, 65), torch.device("cpu"), 1)
+    message = None
+except NotEnoughMemory as e:
+    message = str(e)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(json.dumps([time.perf_counter() - started, grew, message]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("sizes", "named"),
+    [
+        ({"n_layer": 1_000_000}, "n_layer = 1000000"),  # a typo of 10: a million blocks, never built
+        ({"n_embd": 1_000_000, "n_head": 8}, "n_embd = 1000000"),
+        ({"n_head": 100_000, "n_embd": 200_000}, "n_head = 100000"),
+        ({"batch_size": 10_000_000}, "batch_size = 10000000"),
+        ({"block_size": 10_000_000}, "block_size = 10000000"),
+    ],
+)
+def test_any_oversized_key_is_refused_in_seconds_without_building_the_model(sizes, named):
+    proc = subprocess.run(
+        [sys.executable, "-c", REFUSE, json.dumps(sizes)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    seconds, grew, message = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert message is not None and named in message and "is available" in message, message
+    # Loose bounds: the estimate builds at most two blocks on the meta device. Building a million
+    # blocks took minutes and grew to gigabytes.
+    assert seconds < 20, seconds
+    assert grew < 300e6, grew
+
+
 def test_processes_on_one_cpu_share_its_memory(monkeypatch):
     cfg = GPTParams(n_embd=256, n_head=4, batch_size=2, block_size=8)  # weights, not activations, dominate
     config = config_for("gpt", cfg, 65)
-    one = check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1).total
+    one = check_training_memory("gpt", cfg, config, torch.device("cpu"), 1).total
     monkeypatch.setattr("charlm.training.available_memory", lambda device: int(1.5 * one))
-    check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 1)
+    check_training_memory("gpt", cfg, config, torch.device("cpu"), 1)
     with pytest.raises(memory.NotEnoughMemory, match="x 2 processes"):
-        check_training_memory("gpt", cfg, lambda: build_model("gpt", config), torch.device("cpu"), 2)
+        check_training_memory("gpt", cfg, config, torch.device("cpu"), 2)
 
 
 def test_available_memory_reads_meminfo_and_a_container_limit():

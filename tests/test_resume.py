@@ -137,3 +137,45 @@ def test_state_dir_is_the_env_override_or_the_user_cache(tmp_path):
     assert saved.default_state_dir({"CHARLM_STATE_DIR": str(tmp_path)}) == tmp_path
     assert saved.default_state_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/charlm/train-state")
     assert saved.default_state_dir({}) == Path.home() / ".cache/charlm/train-state"
+
+
+# --- a state that cannot be written never costs the run ---------------------------------------------
+
+
+def test_an_unusable_state_directory_is_one_warning_and_no_state(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    warnings = []
+    writer = saved.StateWriter(tmp_path / "a-file" / "states" / "s.pt", KEY, warnings.append)
+    assert writer.check() is False
+    (line,) = warnings
+    assert line.startswith(f"warning: cannot save resumable states in {tmp_path / 'a-file' / 'states'}: ")
+    assert "training goes on without resumable states" in line and "CHARLM_STATE_DIR" in line
+
+
+def test_a_state_write_that_fails_mid_run_warns_once_and_the_run_ends_as_without_states(splits, tmp_path, monkeypatch):
+    import errno
+
+    from charlm import io
+
+    warnings = []
+    writer = saved.StateWriter(tmp_path / "states" / "s.pt", KEY, warnings.append)
+    assert writer.check()
+    real_fsync, calls = io.os.fsync, []
+
+    def full_after_two(fd):
+        calls.append(fd)
+        if len(calls) > 1:  # the first state fits; then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(io.os, "fsync", full_after_two)
+    cfg = gpt_params()
+    model_a, a = run(splits, cfg, save_state=writer, save_every_seconds=0.0)
+    model_b, b = run(splits, cfg)
+    assert writer.saved_step == 1 and writer.failed is not None
+    (line,) = warnings
+    assert "cannot save the resumable state at step 2: cannot write" in line and "No space left on device" in line
+    assert [p.val_loss for p in a.curve] == [p.val_loss for p in b.curve]
+    for (name, x), (_, y) in zip(model_a.state_dict().items(), model_b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert saved.load_state(tmp_path / "states" / "s.pt", KEY).step == 1  # the good state is left whole

@@ -47,6 +47,8 @@ def leftovers(work: Path) -> list[Path]:
         ({"gpt": {"n_embd": 30, "n_head": 4}}, "gpt.n_embd = 30: must be divisible by gpt.n_head (4)"),
         # a typo of 1,000: refused in seconds, before anything is allocated
         ({"gpt": {"n_embd": 10_000_000}}, "gpt.n_embd = 10000000, n_layer = 4, n_head = 4, batch_size = 32"),
+        # a typo of 10: a million blocks are never built, the estimate comes from two
+        ({"gpt": {"n_layer": 1_000_000}}, "gpt.n_embd = 128, n_layer = 1000000, n_head = 4, batch_size = 32"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(prepared, tmp_path, params, message):
@@ -162,3 +164,85 @@ def test_a_truncated_state_is_ignored_with_a_warning(prepared, tmp_path):
     assert "resuming" not in seen
     for path in leftovers(prepared):
         path.unlink()
+
+
+# --- side features never cost the run -------------------------------------------------------------
+
+
+def trained_weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def train_with_states(prepared: Path, tmp_path: Path, name: str, state_dir: Path, every: float):
+    write_params(tmp_path / f"{name}.yaml", gpt=TINY_GPT | {"max_iters": 30}, save_state_every_seconds=every)
+    args = [a if a != "models/gpt.pt" else str(tmp_path / f"{name}.pt") for a in TRAIN_ARGS]
+    env = os.environ | {"CHARLM_STATE_DIR": str(state_dir)}
+    proc = stage("train", "gpt", *args, "--params", str(tmp_path / f"{name}.yaml"), cwd=prepared, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc, trained_weights(tmp_path / f"{name}.pt")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unusable_state_directory_warns_once_and_training_ends_as_without_states(prepared, tmp_path):
+    (tmp_path / "a-file").write_text("CHARLM_STATE_DIR under a file cannot be created")
+    proc, weights = train_with_states(prepared, tmp_path, "warned", tmp_path / "a-file" / "states", 0.001)
+    warnings = [line for line in proc.stdout.splitlines() if "warning" in line]
+    assert len(warnings) == 1, proc.stdout
+    assert warnings[0].startswith(f"train@gpt: warning: cannot save resumable states in {tmp_path / 'a-file'}")
+    assert "training goes on without resumable states" in warnings[0]
+    _, plain = train_with_states(prepared, tmp_path, "plain", tmp_path / "unused", 0)
+    assert_same_weights(weights, plain)
+
+
+def test_a_state_directory_that_fills_up_warns_once_and_training_ends_as_without_states(
+    prepared, tmp_path, tiny_disk
+):
+    # The 64 KiB disk takes the directory probe, then not one state of this model: full mid-run.
+    proc, weights = train_with_states(prepared, tmp_path, "full", tiny_disk / "states", 0.001)
+    warnings = [line for line in proc.stdout.splitlines() if "warning" in line]
+    assert len(warnings) == 1, proc.stdout
+    assert warnings[0].startswith("train@gpt: warning: cannot save the resumable state at step 1: cannot write")
+    assert "No space left on device" in warnings[0]
+    assert [p.name for p in (tiny_disk / "states").iterdir()] == []  # no half-written state
+    _, plain = train_with_states(prepared, tmp_path, "plain", tmp_path / "unused", 0)
+    assert_same_weights(weights, plain)
+
+
+def test_a_diverged_run_stops_with_one_line_writes_nothing_and_keeps_the_last_good_state(
+    prepared, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    from charlm import resume, training
+    from stages.train import main
+
+    states = tmp_path / "states"
+    monkeypatch.setenv("CHARLM_STATE_DIR", str(states))
+    monkeypatch.chdir(prepared)
+    write_params(tmp_path / "p.yaml", gpt=TINY_GPT | {"max_iters": 30}, save_state_every_seconds=0.001)
+    scheduled = training.learning_rate_at
+    # An absurd learning rate at step 7 (index 6): its update leaves NaN weights behind.
+    monkeypatch.setattr(training, "learning_rate_at", lambda step, c: float("nan") if step == 6 else scheduled(step, c))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as e:
+            main("gpt", Path("data/train.bin"), Path("data/val.bin"), Path("data/vocab.json"),
+                 tmp_path / "gpt.pt", tmp_path / "gpt.csv", tmp_path / "p.yaml")
+    finally:
+        torch.set_num_threads(threads)
+    assert e.value.code == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line.startswith("train@gpt: error: the weights are not finite (NaN or infinite) after step 7 on cpu")
+    assert line.endswith("; the resumable state of step 6 is kept")
+    assert not (tmp_path / "gpt.pt").exists() and not (tmp_path / "gpt.csv").exists()
+    (state,) = states.glob("*.pt")
+    payload = torch.load(state, map_location="cpu", weights_only=True)
+    assert payload["step"] == 6 and all(torch.isfinite(w).all() for w in payload["model"].values())

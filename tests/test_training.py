@@ -287,3 +287,61 @@ def test_a_windowed_gpt_learns_on_either_attention_path(splits, monkeypatch, pre
     assert result.precision == precision
     first, last = result.curve[0], result.curve[-1]
     assert last.train_loss < first.train_loss - 0.3
+
+
+# --- a diverged run stops --------------------------------------------------------------------------
+
+
+def test_a_non_finite_loss_stops_training_at_its_step_and_no_state_is_saved_after_it():
+    from charlm.models import build_model, config_for
+    from charlm.params import GPTParams
+    from charlm.training import NonFiniteLoss, train
+    from tests.conftest import token_splits
+
+    vocab, tr, va = token_splits(300)
+    cfg = GPTParams(
+        batch_size=4, block_size=16, max_iters=20, eval_interval=100, eval_iters=1, n_layer=1, n_head=2, n_embd=16,
+        precision="float32",
+    )
+    model = build_model("gpt", config_for("gpt", cfg, vocab))
+    saved_steps = []
+
+    def poison(step, total, loss, tokens_per_s):
+        if step == 6:  # as if step 6's update had diverged: every later loss is NaN
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLoss) as e:
+        train(
+            model, tr, va, cfg, torch.device("cpu"), 0, on_progress=poison,
+            save_state=lambda state: saved_steps.append(state.step), save_every_seconds=0.0,
+        )
+    message = str(e.value)
+    assert message.startswith("the training loss is not finite (NaN or infinite) at step 7 on cpu in float32;")
+    assert "nothing was written" in message and "learning_rate" in message and "\n" not in message
+    assert saved_steps == [1, 2, 3, 4, 5, 6]  # the weights were poisoned after step 6's state
+
+
+def test_an_absurd_learning_rate_stops_training_and_keeps_only_finite_states(monkeypatch):
+    from charlm import training
+    from charlm.models import build_model, config_for
+    from charlm.params import GPTParams
+    from tests.conftest import token_splits
+
+    vocab, tr, va = token_splits(300)
+    cfg = GPTParams(
+        batch_size=4, block_size=16, max_iters=20, eval_interval=100, eval_iters=1, n_layer=1, n_head=2, n_embd=16,
+        precision="float32",
+    )
+    scheduled = training.learning_rate_at
+    # Step 6's update diverges: its loss was finite, the weights after it are not.
+    monkeypatch.setattr(training, "learning_rate_at", lambda step, c: float("nan") if step == 6 else scheduled(step, c))
+    states = []
+    with pytest.raises(training.NonFiniteLoss, match=r"^the weights are not finite \(NaN or infinite\) after step 7 on cpu"):
+        training.train(
+            build_model("gpt", config_for("gpt", cfg, vocab)), tr, va, cfg, torch.device("cpu"), 0,
+            save_state=lambda state: states.append((state.step, [w.clone() for w in state.model.values()])),
+            save_every_seconds=0.0,
+        )
+    assert [step for step, _ in states] == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(w).all() for w in states[-1][1])
