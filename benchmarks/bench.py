@@ -1,7 +1,7 @@
 """The performance benchmark: prints a table beside the targets and writes JSON.
 
     python -m benchmarks.bench --quick        # about a minute
-    python -m benchmarks.bench                # the full set (a few minutes), as in the README
+    python -m benchmarks.bench                # the full set (about ten minutes), as docs/performance.md quotes it
 
 Needs the real corpus: --data, else $CHARLM_DATA_FILE, else data/input.txt from `dvc repro`.
 Each training measurement runs in a fresh subprocess, so its peak memory (max RSS) is its own.
@@ -54,7 +54,7 @@ NANOGPT_CPU_VAL = 1.886  # nanoGPT's documented CPU recipe: best val loss after 
 # -S gpt.attention_window=0` (evaluating every 25 steps only to read the time off the curve; evaluations
 # are not counted). Over 400 steps a weight average's lag costs more than it gives; nanoGPT's CPU recipe
 # trains on windows of 64 too, and at 64 the step takes ~half the time of 128 for ~1.4x the steps to
-# 1.886 (README "Performance"). Batch and attention are pinned to what this recipe was measured with:
+# 1.886 (docs/performance.md "How to read it"). Batch and attention are pinned to what this recipe was measured with:
 # params.yaml's windows of 512 come with 8 a step and a 32-character window, which do not fit 64.
 FAST_RECIPE = dict(
     optimizer="muon",
@@ -443,7 +443,8 @@ def main(
         )
     results["sampling"] = run_worker("sample", tokens=tokens)
     results["noop_repro_seconds"] = time_noop_repro()
-    print_table(results)
+    print(f"\nCPU: {results['cpu']}\n")
+    print(format_table(results))
     io.write_json(out, results)
     print(f"\nwrote {out}")
 
@@ -452,7 +453,8 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if not a or not b else f"{a / b:.2f}x"
 
 
-def print_table(r: dict) -> None:
+def format_table(r: dict) -> str:
+    """The results as the markdown table docs/performance.md quotes (tests/test_docs.py compares them)."""
     s = r["sampling"]
     g, lg = r["guard_default"], r["guard_lecture"]
     ms = {k: v * 1000 for k, v in g["step_seconds"].items()}
@@ -525,11 +527,12 @@ def print_table(r: dict) -> None:
     )
     width = max(len(a) for a, _, _ in rows)
     vwidth = max(len(b) for _, b, _ in rows)
-    print(f"\nCPU: {r['cpu']}")
-    print(f"\n| {'measure':<{width}} | {'result':>{vwidth}} | target |")
-    print(f"|{'-' * (width + 2)}|{'-' * (vwidth + 2)}|--------|")
-    for name, value, target in rows:
-        print(f"| {name:<{width}} | {value:>{vwidth}} | {target} |")
+    lines = [
+        f"| {'measure':<{width}} | {'result':>{vwidth}} | target |",
+        f"|{'-' * (width + 2)}|{'-' * (vwidth + 2)}|--------|",
+    ]
+    lines += [f"| {name:<{width}} | {value:>{vwidth}} | {target} |" for name, value, target in rows]
+    return "\n".join(lines)
 
 
 def worker(kind: str, kwargs: str) -> None:

@@ -38,7 +38,7 @@ def sample(
     seed: int = typer.Option(1337, help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     precision: str = typer.Option(
-        "auto", help="auto (int8 weights on the CPU, float32 elsewhere), float32 or int8 (see README Performance)."
+        "auto", help="auto (int8 weights on the CPU, float32 elsewhere), float32 or int8."
     ),
     drop_unknown: bool = typer.Option(
         False, "--drop-unknown", help="Remove prompt characters the model has never seen instead of failing."

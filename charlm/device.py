@@ -105,7 +105,7 @@ def keep_freed_memory() -> bool:
     Why: a training step frees and reallocates the same few-MB activation tensors every step, and
     glibc returns blocks that large to the OS (unmapped, or trimmed off the heap's top), so each step
     page-faults and the kernel zeroes its activations anew: several times the page faults, and a
-    large share of a CPU step on either class (README "Performance" has the measured effect).
+    large share of a CPU step on either class (docs/performance.md "What makes it fast").
     Numerics are unchanged (torch aligns every block to 64 bytes either way; tested). True where
     applied (Linux with glibc); elsewhere the allocator is left as it is.
     """

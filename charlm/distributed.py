@@ -2,7 +2,7 @@
 the gradients (`nccl` on CUDA, `gloo` on the CPU). One process stays plain `python`.
 
 The train stage re-launches itself under torchrun when `nproc` > 1 and it is not already a
-torchrun worker; for several machines, start the stage under torchrun yourself (README "Scale").
+torchrun worker; for several machines, start the stage under torchrun yourself (docs/pipeline.md "Several machines").
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ def position_losses(model: nn.Module, data: torch.Tensor, block_size: int, devic
     """Mean loss (block_size,) at each position of the full windows `split_loss` averages, in float32.
 
     Why: `split_loss` averages over positions 0..block_size-1 of each window, and the first few
-    predict from a few characters only; this shows how much of the metric that is (README "Params").
+    predict from a few characters only; this shows how much of the metric that is (docs/pipeline.md
+    "Metrics").
     """
     was_training = model.training
     model.eval()

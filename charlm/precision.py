@@ -2,12 +2,12 @@
 
 bfloat16 is a speed-up only where the hardware computes in it. A CPU without native bf16 (AVX2-only
 x86, Apple M1, most ARM before ARMv8.6) emulates it, and a bf16 matmul there runs far slower than
-float32 (README "Performance" has the measured factor). So no module casts to bf16 on its own: training's autocast, the
+float32 (docs/performance.md "What makes it fast"). So no module casts to bf16 on its own: training's autocast, the
 attention kernel it implies, Muon's orthogonalisation and the int8 sampling kernel all ask here.
 
 The CPU's answer comes from its feature flags (Linux x86: avx512_bf16 / amx_bf16; Linux ARM: bf16;
 macOS: hw.optional.arm.FEAT_BF16) and can be forced with CHARLM_CPU_BF16=0 or 1, so one machine
-can measure both classes (README "Performance": an AVX-512 machine behaving like an AVX2-only one).
+can measure both classes (docs/performance.md "Emulating the AVX2 class").
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def cpu_amx_from_facts(system: str, machine: str, cpuinfo: str) -> bool:
     """Whether an x86 CPU has AMX's bf16 tiles (Intel Sapphire Rapids and newer), from /proc/cpuinfo.
 
     Not a different dtype rule (AMX is native bf16 like AVX512-BF16), but a different machine to read
-    figures from: its bf16 matmuls run ~4.5x AVX512-BF16's and round differently (README "Reference run").
+    figures from: its bf16 matmuls run several times faster than AVX512-BF16's and round differently
+    (docs/devices.md "CPU classes").
     """
     x86 = machine.lower() in ("x86_64", "amd64")
     return system == "Linux" and x86 and "amx_bf16" in _cpu_flags(cpuinfo)
@@ -106,7 +107,7 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def describe_cpu() -> str:
-    """The CPU class, as the README's tables name it: AVX512-BF16 (with AMX or not), ARM/Apple bf16, AVX2, other."""
+    """The CPU class, as the docs' tables name it: AVX512-BF16 (with AMX or not), ARM/Apple bf16, AVX2, other."""
     native = cpu_native_bf16()
     forced = f" ({CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]})" if os.environ.get(CPU_BF16_ENV) else ""
     capability = torch.backends.cpu.get_cpu_capability()  # what ATen's kernels were dispatched for
@@ -139,7 +140,7 @@ def int8_activation_dtype(device: torch.device | str) -> torch.dtype:
 
     That kernel only *converts* bf16 activations to float32 in registers and accumulates in float32,
     which every x86 CPU does cheaply, so bf16 is the faster input on both CPU classes (measured:
-    README "Performance"); float32 input takes a slower path. Elsewhere the general rule holds.
+    docs/performance.md "What makes it fast"); float32 input takes a slower path. Elsewhere the general rule holds.
     """
     if torch.device(device).type == "cpu" and platform.machine().lower() in ("x86_64", "amd64"):
         return torch.bfloat16
@@ -148,7 +149,7 @@ def int8_activation_dtype(device: torch.device | str) -> torch.dtype:
 
 def sample_precision(device: torch.device | str, requested: str) -> str:
     """The weights' precision for generation: `auto` is int8 on the CPU (where torch's int8 weight-only
-    kernel runs and is faster than float32 on either CPU class, README "Performance") and
+    kernel runs and is faster than float32 on either CPU class, docs/performance.md "Results") and
     float32 on accelerators; an explicit `int8` elsewhere than the CPU is refused."""
     device = torch.device(device)
     if requested == "auto":
@@ -163,7 +164,7 @@ def sample_precision(device: torch.device | str, requested: str) -> str:
 def explicit_attention(x: torch.Tensor, dropout_p: float = 0.0) -> bool:
     """Whether attention on `x` should use the explicit softmax(QK^T)V ops instead of SDPA, on a CPU.
 
-    Two cases, each measured (README "Performance"): under CPU bf16 autocast (which `autocast_dtype`
+    Two cases, each measured (docs/performance.md "What makes it fast"): under CPU bf16 autocast (which `autocast_dtype`
     grants only where bf16 is native) torch's SDPA CPU kernel is slower than the explicit ops; and
     with attention dropout SDPA's CPU path draws a float Bernoulli mask over the (B, nh, T, T)
     weights, where the explicit path draws one random byte per weight. Otherwise (float32, no
@@ -183,7 +184,7 @@ def window_attention_kernel(x: torch.Tensor, dropout_p: float = 0.0) -> str:
     """Which kernel `charlm.models.gpt.ops.sliding_window_attention` runs on `x`'s device.
 
     On a CPU without attention dropout, charlm's "chunked" kernel in either dtype (measured faster
-    than SDPA in float32 and than the explicit ops in bf16: README "Performance"); with dropout the
+    than SDPA in float32 and than the explicit ops in bf16: docs/performance.md "What makes it fast"); with dropout the
     explicit ops (random-byte dropout, as `explicit_attention` says for any CPU dropout). Off the CPU,
     SDPA (fused kernels; the chunked one is not measured there).
     """

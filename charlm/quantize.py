@@ -3,7 +3,7 @@
 Generating at batch 1 reads every weight once per token and does two flops with each, so its speed
 is memory traffic, not arithmetic: at the lecture's size the float32 weights (42 MB) stream from
 DRAM on every token, while as int8 (10.6 MB) they can stay in a large L3 cache, and torch's
-`_weight_int8pack_mm` kernel reads a quarter of the bytes (README "Performance" has the speed-up
+`_weight_int8pack_mm` kernel reads a quarter of the bytes (docs/performance.md "Results" has the speed-up
 per CPU class). Each output row gets its own scale (symmetric, max |w| -> 127), which keeps the
 model's validation loss within a few thousandths of float32's (tested). Training never uses this.
 """

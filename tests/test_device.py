@@ -90,7 +90,7 @@ def test_freed_activations_stay_in_the_process_for_the_next_step():
     held_mb, faults = int(held_mb), int(faults)
     # Kept: the freed 40 MB is held for reuse, so the third step maps few of its 10,240 pages in.
     # (glibc's default adapts its thresholds as it goes and often hands such memory back to the OS,
-    # so that case is not asserted; in training it faulted far more, README "Performance".)
+    # so that case is not asserted; in training it faulted far more, docs/performance.md "What makes it fast".)
     assert applied == "True" and held_mb >= 40 and faults < 40 * 256 // 4, (held_mb, faults)
 
 

@@ -1,4 +1,4 @@
-"""The suite's result does not depend on the user's shell (README "Offline"): a CHARLM_DATA_FILE left
+"""The suite's result does not depend on the user's shell (docs/pipeline.md "Offline"): a CHARLM_DATA_FILE left
 exported for an offline run, or a forced CPU class, must not leak into the tests' stages."""
 
 import os

@@ -133,7 +133,7 @@ def test_eval_mode_has_no_dropout():
 
 
 def test_lecture_switches_off_is_the_lecture_model_exactly():
-    # The default config must be today's model: same parameters, same numbers.
+    # The default config must be the lecture's model: same parameters, same numbers.
     a = tiny_gpt()
     b = tiny_gpt(
         position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False,

@@ -221,7 +221,7 @@ def test_a_diverged_run_stops_with_one_line_writes_nothing_and_keeps_the_last_go
 ):
     import torch
 
-    from charlm import resume, training
+    from charlm import training
     from stages.train import main
 
     states = tmp_path / "states"

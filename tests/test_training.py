@@ -337,7 +337,8 @@ def test_an_absurd_learning_rate_stops_training_and_keeps_only_finite_states(mon
     # Step 6's update diverges: its loss was finite, the weights after it are not.
     monkeypatch.setattr(training, "learning_rate_at", lambda step, c: float("nan") if step == 6 else scheduled(step, c))
     states = []
-    with pytest.raises(training.NonFiniteLoss, match=r"^the weights are not finite \(NaN or infinite\) after step 7 on cpu"):
+    diverged = r"^the weights are not finite \(NaN or infinite\) after step 7 on cpu"
+    with pytest.raises(training.NonFiniteLoss, match=diverged):
         training.train(
             build_model("gpt", config_for("gpt", cfg, vocab)), tr, va, cfg, torch.device("cpu"), 0,
             save_state=lambda state: states.append((state.step, [w.clone() for w in state.model.values()])),

@@ -6,7 +6,8 @@ Faster than the lecture's per-head loop: one fused QKV projection and
 `forward_cached` adds a KV cache for generation (see `charlm.sampling`).
 
 Switches from the small-model speed-run literature (modded-nanogpt), each off by default so that the
-default `GPTConfig` is the lecture's model (README "Models" has the measured effect of each):
+default `GPTConfig` is the lecture's model (docs/recipe.md "Architecture switches" has the measured
+effect of each):
 `position="rope"` rotary position embeddings instead of a learned table; `qk_norm` RMS-normalises
 queries and keys per head (with a learned gain); `mlp="relu2"` squares a ReLU instead of GELU;
 `zero_init` starts the blocks' output projections at zero; `logit_softcap` bounds the logits

@@ -1,6 +1,6 @@
 """Fast ops for the GPT on a CPU, where torch's generic kernels are slow for this model's shapes.
 
-`charlm.precision.explicit_attention` (the capability rule of README "CPU classes") decides when full
+`charlm.precision.explicit_attention` (the capability rule, docs/models.md "Attention kernels") decides when full
 attention uses `explicit_causal_attention` instead of SDPA, and `window_attention_kernel` which of
 SDPA, the explicit ops or `ChunkedWindowAttention` a sliding window uses; `dropout` is used on every
 device and is plain `F.dropout` off the CPU. Tests compare each with torch's own op or a plain reference.
@@ -17,8 +17,7 @@ from torch import nn
 
 def random_bytes(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Uniform uint8 random numbers from the CPU generator, drawn 8 at a time as int64 words: several
-    times faster than `torch.randint(0, 256, dtype=uint8)`, which draws one generator number per byte
-    (README "Performance")."""
+    times faster than `torch.randint(0, 256, dtype=uint8)`, which draws one generator number per byte."""
     n = math.prod(shape)
     words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1)  # every bit random
     return words.view(torch.uint8)[:n].view(shape)
@@ -37,8 +36,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """`F.dropout`, but on the CPU with p rounded to a multiple of 1/256 and one random byte per element.
 
     Why: torch's CPU dropout draws a float Bernoulli per element, a large share of a CPU training
-    step at the lecture's size; random bytes are several times cheaper forward and backward (README
-    "Performance"). Elsewhere (CUDA's fused kernel is already fast) it is plain `F.dropout`.
+    step at the lecture's size; random bytes are several times cheaper forward and backward. Elsewhere
+    (CUDA's fused kernel is already fast) it is plain `F.dropout`.
     """
     if not training or p == 0.0:
         return x
@@ -96,8 +95,8 @@ class NormRotateHeads(torch.autograd.Function):
     Why: on a CPU, autograd over the composed ops (split, transpose, `F.rms_norm`, which is not
     fused there, and RoPE's halves) makes ~20 passes over q and k backward and a copy for the
     attention's layout; this makes ~10, with the gains folded into the rotation tables and the
-    three gradients written straight into one (B, T, 3C) tensor: ~0.7x the time of those ops
-    forward and backward, a few percent of a step on either CPU class (README "Performance").
+    three gradients written straight into one (B, T, 3C) tensor (docs/performance.md
+    "What makes it fast").
     Computed in float32 for bf16 inputs (as torch's CPU `rms_norm` does), in the input's dtype
     otherwise; the same values as the composed ops up to rounding (tested, and by gradcheck in float64).
     """
@@ -204,9 +203,8 @@ class ChunkedWindowAttention(torch.autograd.Function):
     with a hand-written backward, in the inputs' dtype.
 
     Why: at the default's shapes (chunks of 32 queries, 64 keys, heads of 32) the work is tiny
-    matmuls, and what costs is the passes around them. torch's fused CPU SDPA kernel and autograd
-    over the explicit ops spend ~1.25-1.6x this function's time per layer (microbenchmarks, forward and
-    backward, float32 on emulated AVX2 and bf16 on AVX512-BF16; README "Performance"): no dropout
+    matmuls, and what costs is the passes around them, where torch's fused CPU SDPA kernel and
+    autograd over the explicit ops are slower (docs/performance.md "What makes it fast"): no dropout
     mask, no zero-filled gradient buffers, the concatenation's backward folded into one add, and
     softmax's backward as torch's single fused op. Same results as the other kernels to float
     rounding (tested against a band mask, and by gradcheck in float64).
