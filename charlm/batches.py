@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from charlm.errors import DataError
+from charlm.params import ParamsError
 
 
 def load_tokens(path: str | Path, dtype: str) -> torch.Tensor:
@@ -28,6 +29,19 @@ def load_tokens(path: str | Path, dtype: str) -> torch.Tensor:
     return torch.from_file(str(path), shared=False, size=size // itemsize, dtype=torch_dtype)
 
 
+def load_splits(
+    train: str | Path, val: str | Path, dtype: str, block_size: int, section: str
+) -> dict[str, torch.Tensor]:
+    """Both splits, memory-mapped; each must be longer than `block_size` (`section`.block_size)."""
+    splits = {"train": load_tokens(train, dtype), "val": load_tokens(val, dtype)}
+    for name, data in splits.items():
+        if block_size >= len(data):
+            raise ParamsError(
+                f"{section}.block_size = {block_size}: must be shorter than the {name} split ({len(data)} tokens)"
+            )
+    return splits
+
+
 def get_batch(
     data: torch.Tensor,
     batch_size: int,
@@ -35,42 +49,43 @@ def get_batch(
     generator: torch.Generator,
     device: torch.device = torch.device("cpu"),  # noqa: B008 - an immutable value
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows `x` and their targets `y`, which are `x` shifted left by one token."""
+    """Random blocks `x` (the lecture's get_batch) and their targets `y`, `x` shifted left by one token."""
     if len(data) <= block_size:
         raise ValueError(f"split of {len(data)} tokens is too short for block_size {block_size}")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
-    return windows_at(data, starts, block_size, device)
+    return blocks_at(data, starts, block_size, device)
 
 
-def windows_at(
+def blocks_at(
     data: torch.Tensor,
     starts: torch.Tensor,
     block_size: int,
     device: torch.device = torch.device("cpu"),  # noqa: B008 - an immutable value
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The windows `x` starting at `starts` (B,) and their targets `y`, on `device`."""
+    """The blocks `x` starting at `starts` (B,) and their targets `y`, on `device`."""
     offsets = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
     chunk = data[offsets].long()  # (B, T+1), one gather instead of a Python loop over rows
-    x, y = chunk[:, :-1], chunk[:, 1:]
-    if device != "cpu":
-        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
-        y = y.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else y.to(device)
-    return x, y
+    if torch.device(device).type == "cuda":
+        # One contiguous pinned buffer, copied while the GPU still works on the previous step.
+        chunk = chunk.pin_memory().to(device, non_blocking=True)
+    elif torch.device(device).type != "cpu":
+        chunk = chunk.to(device)
+    return chunk[:, :-1], chunk[:, 1:]  # x, and y: x shifted left by one token
 
 
-class EpochWindows:
-    """Training windows drawn epoch by epoch (`batch_windows: epoch`), instead of the lecture's
+class EpochBlocks:
+    """Training blocks drawn epoch by epoch (`batch_windows: epoch`), instead of the lecture's
     independent random starts.
 
     Each epoch picks a random offset below `block_size`, cuts the split from there into
-    non-overlapping windows and hands them out in a random order; the next epoch starts when they run
+    non-overlapping blocks and hands them out in a random order; the next epoch starts when they run
     out (a batch may straddle two). So every character is a target about once per epoch, where
     independent starts see some characters several times and others never (about e^-k of the split
-    is missed in k epochs' worth of random windows), and the offset moves the window boundaries
+    is missed in k epochs' worth of random blocks), and the offset moves the block boundaries
     between epochs, so no character is always at the same position.
 
     The generator is the sampler's own; with several processes, every process holds the same sampler
-    and takes its own slice of each draw (`take`), so together they still see each window once.
+    and takes its own slice of each draw (`take`), so together they still see each block once.
     """
 
     def __init__(self, n_tokens: int, block_size: int, generator: torch.Generator) -> None:
@@ -79,26 +94,26 @@ class EpochWindows:
         self.n_tokens = n_tokens
         self.block_size = block_size
         self.generator = generator
-        self.queue = torch.empty(0, dtype=torch.long)  # this epoch's windows not yet handed out
+        self.queue = torch.empty(0, dtype=torch.long)  # this epoch's blocks not yet handed out
         self.epoch = 0  # epochs begun
 
     def _next_epoch(self) -> torch.Tensor:
-        # Below n_tokens - block_size too, so even a split barely longer than a window has one.
+        # Below n_tokens - block_size too, so even a split barely longer than a block has one.
         offsets = min(self.block_size, self.n_tokens - self.block_size)
         offset = int(torch.randint(offsets, (1,), generator=self.generator))
-        n_windows = (self.n_tokens - 1 - offset) // self.block_size  # each needs block_size + 1 tokens
+        n_blocks = (self.n_tokens - 1 - offset) // self.block_size  # each needs block_size + 1 tokens
         self.epoch += 1
-        return offset + self.block_size * torch.randperm(n_windows, generator=self.generator)
+        return offset + self.block_size * torch.randperm(n_blocks, generator=self.generator)
 
     def take(self, count: int) -> torch.Tensor:
-        """The next `count` window starts (count,), int64."""
+        """The next `count` block starts (count,), int64."""
         while len(self.queue) < count:
             self.queue = torch.cat([self.queue, self._next_epoch()])
         starts, self.queue = self.queue[:count], self.queue[count:]
         return starts
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Enough to continue the same sequence of windows (a resumed training run)."""
+        """Enough to continue the same sequence of blocks (a resumed training run)."""
         return {
             "generator": self.generator.get_state(),
             "queue": self.queue.clone(),
@@ -111,13 +126,13 @@ class EpochWindows:
         self.epoch = int(state["epoch"])
 
 
-def sequential_windows(
+def sequential_blocks(
     data: torch.Tensor, block_size: int, batch_size: int, max_tokens: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows covering the split (or `max_tokens` spread evenly over it), in batches.
+    """Non-overlapping blocks covering the split (or `max_tokens` spread evenly over it), in batches.
 
-    Deterministic: the same data always gives the same windows, so the loss over them is an exact
-    function of the checkpoint. Every target token is counted once; the last partial window too.
+    Deterministic: the same data always gives the same blocks, so the loss over them is an exact
+    function of the checkpoint. Every target token is counted once; the last partial block too.
     """
     n_targets = len(data) - 1
     starts = torch.arange(0, n_targets, block_size)

@@ -17,9 +17,12 @@ import torch
 from torch import nn
 
 from charlm import io
+from charlm.device import configure_threads, resolve_device
 from charlm.errors import CharlmError
+from charlm.hardware import Runtime, resolve_runtime
 from charlm.memory import available_memory, check_fits
 from charlm.models import MODEL_NAMES, build_model
+from charlm.params import Params, load_params
 from charlm.tokenizer import CharTokenizer
 
 FORMAT = "charlm-checkpoint-v1"
@@ -37,9 +40,10 @@ class Checkpoint:
     tokenizer: CharTokenizer
     train_stats: dict[str, Any] = field(default_factory=dict)
 
-    def build(self) -> nn.Module:
-        """The model with these weights, on the CPU, in eval mode."""
-        model = build_model(self.model_name, self.config)
+    def build(self, runtime: Runtime | None = None) -> nn.Module:
+        """The model with these weights, in eval mode: on the CPU, or on `runtime`'s device with its
+        attention kernels."""
+        model = build_model(self.model_name, self.config, runtime)
         model.load_state_dict(self.state_dict)
         return model.eval()
 
@@ -71,6 +75,19 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     buffer = _io.BytesIO()
     torch.save(payload, buffer)
     io.write_bytes(path, buffer.getbuffer())
+
+
+def load_for_stage(
+    model: str, checkpoint: Path, vocab: Path, params: Path, sampling: bool = False
+) -> tuple[Params, Runtime, Checkpoint]:
+    """The evaluate and sample stages' common start: their params, the runtime they resolve once (with
+    `sample.precision` when `sampling`), the threads set, and the checkpoint, checked against the model
+    name and the pipeline's vocabulary."""
+    p = load_params(params)
+    runtime = resolve_runtime(resolve_device(p.device), sample_precision=p.sample.precision if sampling else "auto")
+    configure_threads(p.threads)
+    ckpt = load_checkpoint(checkpoint, expected_model=model, tokenizer=CharTokenizer.load(vocab))
+    return p, runtime, ckpt
 
 
 def load_checkpoint(

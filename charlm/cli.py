@@ -27,7 +27,8 @@ app = typer.Typer(
 
 @app.command(
     epilog="Examples:\n\n  charlm sample models/gpt.pt\n\n"
-    "  charlm sample models/gpt.pt --prompt 'ROMEO:' -n 300 --temperature 0.8 --top-k 20 --seed 7"
+    "  charlm sample models/gpt.pt --prompt 'ROMEO:' -n 300 --temperature 0.8 --top-k 20 --seed 7\n\n"
+    "  charlm sample models/gpt.pt --num-samples 5 -n 200"
 )
 def sample(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by the train stage, e.g. models/gpt.pt."),
@@ -43,16 +44,26 @@ def sample(
     drop_unknown: bool = typer.Option(
         False, "--drop-unknown", help="Remove prompt characters the model has never seen instead of failing."
     ),
+    num_samples: int = typer.Option(
+        1, "--num-samples", help="Texts to generate as one batch; sample i is the same whatever their number."
+    ),
 ) -> None:
-    """Stream generated text to the terminal, character by character."""
+    """Stream generated text to the terminal, character by character; several samples print as they
+    complete, one after another under a header."""
     with reported_errors("charlm sample"):
         from charlm.checkpoint import load_checkpoint
         from charlm.device import resolve_device
+        from charlm.hardware import resolve_runtime
         from charlm.params import SampleParams
-        from charlm.sampling import sample_text
+        from charlm.sampling import format_samples, sample_text
 
         settings = SampleParams(
-            prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, precision=precision
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            precision=precision,
+            num_samples=num_samples,
         )
         ckpt = load_checkpoint(checkpoint)
 
@@ -60,14 +71,16 @@ def sample(
             if dropped:
                 shown = " ".join(map(repr, dropped))
                 print(f"warning: dropped characters not in the vocabulary: {shown}", file=sys.stderr)
-            write(prompt_text)
+            if num_samples == 1:
+                write(prompt_text)
 
         def write(text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        sample_text(ckpt, settings, resolve_device(device), seed, drop_unknown, on_start=start, on_text=write)
-        sys.stdout.write("\n")
+        runtime = resolve_runtime(resolve_device(device), sample_precision=precision)
+        texts, _ = sample_text(ckpt, settings, runtime, seed, drop_unknown, on_start=start, on_text=write)
+        write("\n" if num_samples == 1 else format_samples(texts))
 
 
 @app.command(epilog="Example:\n\n  charlm info models/gpt.pt\n\n  charlm info models/gpt.pt --json")
@@ -81,8 +94,8 @@ def info(
     """Print a model card: type, config, parameter count, vocabulary and training metrics."""
     with reported_errors("charlm info"):
         from charlm.checkpoint import load_checkpoint
+        from charlm.hardware import describe_cpu, sampling_weights
         from charlm.pipeline import evaluate_metrics_path
-        from charlm.precision import describe_cpu, sample_precision
 
         ckpt = load_checkpoint(checkpoint)
         card = {
@@ -94,7 +107,7 @@ def info(
             "training": ckpt.train_stats,
             "this_machine": {
                 "cpu": describe_cpu(),
-                "sample_precision": f"auto = {sample_precision('cpu', 'auto')} on the cpu",
+                "sample_precision": f"auto = {sampling_weights('cpu', 'auto')} on the cpu",
             },
         }
         metrics_file = metrics or evaluate_metrics_path(Path("dvc.yaml"), ckpt.model_name)  # dvc.yaml owns it
@@ -124,7 +137,7 @@ def positions(
     split: Path = typer.Argument(..., help="A token file written by the split stage, e.g. data/val.bin."),
     width: int = typer.Option(16, help="Positions per printed row."),
 ) -> None:
-    """Print the loss by position in the window, over the split's windows the evaluate stage uses."""
+    """Print the loss by position in the block, over the split's blocks the evaluate stage uses."""
     with reported_errors("charlm positions"):
         import torch
 
@@ -132,18 +145,20 @@ def positions(
         from charlm.checkpoint import load_checkpoint
         from charlm.errors import UsageError
         from charlm.evaluation import position_losses
+        from charlm.hardware import resolve_runtime
 
         if width <= 0:
             raise UsageError(f"--width {width}: must be a positive number of positions")
         ckpt = load_checkpoint(checkpoint)
         block_size = ckpt.config.get("block_size")
         if block_size is None:  # the bigram: every position predicts from one character
-            raise UsageError(f"{checkpoint}: a {ckpt.model_name} model has no context window; use a gpt checkpoint")
+            raise UsageError(f"{checkpoint}: a {ckpt.model_name} model has no context block; use a gpt checkpoint")
         data = load_tokens(split, ckpt.tokenizer.dtype)
         if len(data) <= block_size:
-            raise UsageError(f"{split}: {len(data)} tokens, shorter than the model's window of {block_size}")
-        losses = position_losses(ckpt.build(), data, block_size, torch.device("cpu"))
-        print(f"{split}: loss by position in windows of {block_size} (mean {losses.mean().item():.4f})")
+            raise UsageError(f"{split}: {len(data)} tokens, shorter than the model's block_size {block_size}")
+        runtime = resolve_runtime(torch.device("cpu"))  # float32, as the evaluate stage
+        losses = position_losses(ckpt.build(runtime), data, block_size, runtime.device)
+        print(f"{split}: loss by position in blocks of {block_size} (mean {losses.mean().item():.4f})")
         for start in range(0, block_size, width):
             part = losses[start : start + width]
             print(f"  {start:>5}-{start + len(part) - 1:<5} {part.mean().item():.4f}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,42 @@ def curve_csv(points: Iterable[CurvePoint]) -> str:
 
 def write_curve(path: str | Path, points: Iterable[CurvePoint]) -> None:
     io.write_text(path, curve_csv(points))
+
+
+def progress_metrics(point: CurvePoint, max_iters: int) -> dict[str, float | int]:
+    """The running stage's metrics: its last evaluation's step and estimated losses (of the trained
+    weights, and of the weight average the checkpoint will hold where one is kept)."""
+    out: dict[str, float | int] = {
+        "step": point.step,
+        "max_iters": max_iters,
+        "train_loss_estimate": round(point.train_loss, 5),
+        "val_loss_estimate": round(point.val_loss, 5),
+    }
+    if (point.saved_train_loss, point.saved_val_loss) != (point.train_loss, point.val_loss):
+        out["average_val_loss_estimate"] = round(point.saved_val_loss, 5)
+    return out
+
+
+class CurveWriter:
+    """The train stage's live outputs, rewritten whole (atomically) at each evaluation: the curve, which
+    `dvc plots show` follows, and the progress metrics, which `dvc exp show` shows for a running
+    experiment (queued or not). `then` sees each point after it is written."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        progress: str | Path,
+        max_iters: int,
+        points: Iterable[CurvePoint],
+        then: Callable[[CurvePoint], None],
+    ) -> None:
+        self.path, self.progress, self.max_iters, self.points, self.then = path, progress, max_iters, list(points), then
+
+    def add(self, point: CurvePoint) -> None:
+        self.points.append(point)
+        write_curve(self.path, self.points)
+        io.write_json(self.progress, progress_metrics(point, self.max_iters))
+        self.then(point)
 
 
 def read_curve(path: str | Path) -> list[CurvePoint]:

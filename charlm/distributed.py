@@ -7,9 +7,11 @@ torchrun worker; for several machines, start the stage under torchrun yourself (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +72,31 @@ def worker_device(device: torch.device, dist: Distributed) -> torch.device:
 
 
 def init_process_group(device: torch.device) -> None:
+    """Join the run's process group. On CUDA each rank first binds its own GPU: NCCL's collectives
+    (`all_gather_object` of the resumable state among them) use the *current* device, which is
+    cuda:0 for every rank unless set, and then fail or hang ("Duplicate GPU detected")."""
     import torch.distributed as torch_dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    torch_dist.init_process_group(backend=backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch_dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        torch_dist.init_process_group(backend="gloo")
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device, dist: Distributed) -> Iterator[None]:
+    """The collective communication of a data-parallel worker, for the block's duration; nothing for
+    a single process. A worker also dies with its launcher."""
+    if dist.world_size == 1:
+        yield
+        return
+    die_with_launcher()
+    init_process_group(device)
+    try:
+        yield
+    finally:
+        destroy_process_group()
 
 
 def destroy_process_group() -> None:

@@ -33,6 +33,10 @@ class DataError(CharlmError, ValueError):
     """A data file that is missing, malformed or inconsistent with another."""
 
 
+class NonFiniteLoss(CharlmError):
+    """Training diverged: a loss or weight that is NaN or infinite. Nothing trained after it is worth keeping."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so every `finally` and atomic writer cleans up."""
 

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.batches import get_batch, sequential_windows
-from charlm.precision import autocast_context
+from charlm.batches import get_batch, sequential_blocks
+from charlm.hardware import Runtime
+from charlm.params import TrainConfig
 
 # Tokens per forward pass. Why not more: at 32k tokens the GPT's MLP activation (64 MB) outgrows the
 # 32 MB blocks glibc keeps (`charlm.device.keep_freed_memory`), and every batch page-faults its memory
-# in again (the exact val loss measured ~20% slower on emulated AVX2).
+# in again (docs/performance.md "What makes it fast").
 EVAL_BATCH_TOKENS = 8192
 
 
@@ -25,23 +26,22 @@ def eval_batch_size(block_size: int) -> int:
 def estimate_loss(
     model: nn.Module,
     splits: dict[str, torch.Tensor],
-    block_size: int,
-    eval_iters: int,
-    batch_size: int,
+    cfg: TrainConfig,
     generator: torch.Generator,
-    device: torch.device,
-    amp: torch.dtype | None = None,
+    runtime: Runtime,
 ) -> dict[str, float]:
-    """Mean loss over `eval_iters` random batches per split (the lecture's estimate_loss), batched."""
+    """Mean loss over `cfg.eval_iters` random batches of `cfg.batch_size` blocks per split (the
+    lecture's estimate_loss), in training's autocast dtype, several batches per forward pass."""
     was_training = model.training
     model.eval()
+    device = runtime.device
     out: dict[str, float] = {}
     for name, data in splits.items():
-        x, y = get_batch(data, eval_iters * batch_size, block_size, generator, device)
+        x, y = get_batch(data, cfg.eval_iters * cfg.batch_size, cfg.block_size, generator, device)
         total = torch.zeros((), device=device)
-        step = eval_batch_size(block_size)
+        step = eval_batch_size(cfg.block_size)
         for i in range(0, len(x), step):
-            with autocast_context(device, amp):
+            with runtime.autocast_context():
                 _, loss = model(x[i : i + step], y[i : i + step])
             total += loss.float() * len(x[i : i + step])
         out[name] = (total / len(x)).item()
@@ -59,7 +59,7 @@ def split_loss(
     model.eval()
     total = torch.zeros((), dtype=torch.float32, device=device)
     count = 0
-    for x, y in sequential_windows(data, block_size, eval_batch_size(block_size), max_tokens):
+    for x, y in sequential_blocks(data, block_size, eval_batch_size(block_size), max_tokens):
         x, y = x.to(device), y.to(device)
         _, loss = model(x, y)
         total += loss.float() * y.numel()
@@ -80,7 +80,7 @@ def position_losses(model: nn.Module, data: torch.Tensor, block_size: int, devic
     model.eval()
     total = torch.zeros(block_size, dtype=torch.float32, device=device)
     windows = 0
-    for x, y in sequential_windows(data, block_size, eval_batch_size(block_size)):
+    for x, y in sequential_blocks(data, block_size, eval_batch_size(block_size)):
         if x.size(1) < block_size:  # the last, partial window: not every position is in it
             continue
         x, y = x.to(device), y.to(device)

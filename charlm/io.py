@@ -94,3 +94,15 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> 
     """Let `writer` fill a temp path (e.g. `torch.save`), then move it into place."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str | os.PathLike[str], enabled: bool = True) -> Iterator[None]:
+    """Remove `path` if the block fails: an output rewritten as a run goes (the loss curve) is not an
+    output of a run that did not finish."""
+    try:
+        yield
+    except BaseException:
+        if enabled:
+            Path(path).unlink(missing_ok=True)
+        raise

@@ -2,7 +2,8 @@
 
 A typo such as `n_embd: 10000000` would otherwise allocate for half a minute and end in the kernel's
 out-of-memory killer (or swap) instead of a message. The estimate counts the parameters on torch's
-`meta` device (exact, nothing allocated), then adds what training keeps per parameter and the
+`meta` device from at most two blocks (exact, nothing allocated: `charlm.training.parameter_counts`),
+then adds what training keeps per parameter and the
 activations one micro-batch saves for the backward pass. The calibration test compares it with the
 measured peak of real runs (tests/test_memory.py).
 """

@@ -3,7 +3,7 @@
 Muon is written here rather than taken from `torch.optim.Muon`, which orthogonalises every update in
 bfloat16 whatever the device can do: on a CPU without native bf16 that made a training step several
 times slower (docs/performance.md "What makes it fast"). This one runs its Newton-Schulz iterations in the dtype
-`charlm.precision.orthogonalization_dtype` picks, and does the same-shape matrices of all blocks as
+`charlm.hardware.Runtime.orthogonalization` holds, and does the same-shape matrices of all blocks as
 one batch. Step for step it is torch's update (tests compare the two in the same dtype).
 """
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from charlm.hardware import Runtime
 from charlm.params import ParamsError, TrainConfig
-from charlm.precision import orthogonalization_dtype
 
 # Newton-Schulz quintic coefficients and step count of Muon's authors (and torch.optim.Muon).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -153,9 +153,7 @@ class MuonAdamW:
             optimizer.step()
 
 
-def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer | MuonAdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer | MuonAdamW:
     """AdamW, or with `optimizer: muon` Muon for the blocks' matrices and AdamW for the rest.
 
     Muon reaches a given validation loss in fewer than half AdamW's steps on the default GPT
@@ -171,12 +169,10 @@ def make_optimizer(
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is one launch per step instead of one per tensor; it exists on CPU and CUDA.
-    fused = torch.device(device).type in ("cpu", "cuda")
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=runtime.fused_adamw)
     if not muon_params:
         return adamw
-    stacked = {id(p) for p in stacked_projections(model)} if cfg.muon_split_qkv else set()
+    stacked = {id(p) for p in stacked_projections(model)} if getattr(cfg, "muon_split_qkv", False) else set()
     muon_groups = [
         {"params": [p for p in muon_params if id(p) not in stacked]},
         {"params": [p for p in muon_params if id(p) in stacked], "stacked": 3},
@@ -185,7 +181,7 @@ def make_optimizer(
         [g for g in muon_groups if g["params"]],
         lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        ns_dtype=orthogonalization_dtype(device),
+        ns_dtype=runtime.orthogonalization,
     )
     return MuonAdamW(muon, adamw)
 

@@ -14,21 +14,22 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from charlm.errors import UsageError
+from charlm.models import MODEL_NAMES
+from charlm.models.gpt.config import ConfigError, GPTArchitecture
 
 DEFAULT_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DEFAULT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-MODEL_NAMES = ("bigram", "gpt")
-PRECISIONS = ("float32", "bfloat16", "auto")
-OPTIMIZERS = ("adamw", "muon")
-BATCH_WINDOWS = ("random", "epoch")
-SAMPLE_PRECISIONS = ("auto", "float32", "int8")
-GPT_POSITIONS = ("learned", "rope")
-GPT_MLPS = ("gelu", "relu2")
+Precision = Literal["float32", "bfloat16", "auto"]
+Optimizer = Literal["adamw", "muon"]
+BatchWindows = Literal["random", "epoch"]
+SamplePrecision = Literal["auto", "float32", "int8"]
+PRECISIONS, OPTIMIZERS, BATCH_WINDOWS = get_args(Precision), get_args(Optimizer), get_args(BatchWindows)
+SAMPLE_PRECISIONS = get_args(SamplePrecision)
 # The `device` grammar, here and nowhere else (charlm.device resolves what it matches).
 DEVICE_GRAMMAR = re.compile(r"^(?P<kind>cpu|mps|auto|cuda)(:(?P<index>\d+))?$")
 DEVICE_FORMS = "cpu, cuda, cuda:N, mps or auto"
@@ -73,11 +74,11 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How one model is trained: the keys shared by the `bigram` and `gpt` sections."""
+    """How a model is trained: the keys the `bigram` and `gpt` sections share."""
 
     batch_size: int = 32  # the global batch of one optimizer step, whatever the process count
     micro_batch_size: int = 0  # rows per forward/backward; 0 = the whole per-process batch at once
-    block_size: int = 8
+    block_size: int = 8  # the context: characters per training block
     max_iters: int = 3000
     learning_rate: float = 1e-2
     min_lr_ratio: float = 1.0  # cosine decay ends at learning_rate * min_lr_ratio; 1.0 keeps it constant
@@ -86,11 +87,10 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 disables clipping
     eval_interval: int = 300
     eval_iters: int = 200
-    precision: str = "float32"  # bfloat16 autocast where the device supports it; "auto" picks it there
-    optimizer: str = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest (charlm.training)
-    muon_split_qkv: bool = False  # with muon: the GPT's query, key and value matrices orthogonalised each on its own
+    precision: Precision = "float32"  # bfloat16 autocast where the device supports it; "auto" picks it there
+    optimizer: Optimizer = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest (charlm.optim)
     ema_decay: float = 0.0  # > 0: keep and save an exponential moving average of the weights; 0 = off
-    batch_windows: str = "random"  # "epoch": every window once per epoch, shuffled (charlm.batches.EpochWindows)
+    batch_windows: BatchWindows = "random"  # "epoch": every block once per epoch, shuffled (charlm.batches)
 
     def check(self, section: str) -> None:
         positive_ints = ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters")
@@ -125,71 +125,87 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class BigramParams(TrainConfig):
-    def __post_init__(self) -> None:
-        self.check("bigram")
-        _check(
-            self.optimizer == "adamw",
-            "bigram.optimizer",
-            self.optimizer,
-            "must be adamw: the bigram is one lookup table, with no hidden matrices for Muon",
-        )
-        _check(not self.muon_split_qkv, "bigram.muon_split_qkv", self.muon_split_qkv, "must be false: no attention")
-
-
-@dataclass(frozen=True)
-class GPTArchitecture:
-    """The GPT's shape and switches: the `gpt` section's model keys and, with `vocab_size`, the model's
-    own config (`charlm.models.gpt.GPTConfig` extends it). The defaults are the lecture's model."""
+class GPTTraining(TrainConfig):
+    """The GPT's training keys: the shared ones, and how Muon treats its fused query/key/value matrix."""
 
     block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    position: str = "learned"  # "rope": rotary position embeddings instead of the lecture's table
-    qk_norm: bool = False  # RMS-normalise queries and keys per head
-    mlp: str = "gelu"  # "relu2": ReLU squared
-    zero_init: bool = False  # the blocks' output projections start at zero
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
-    token_shift: bool = False  # add a learned per-channel share of the previous character's embedding
-    attention_window: int = 0  # > 0: each character attends to itself and the window - 1 before it; 0 = all
+    muon_split_qkv: bool = False  # with muon: q, k and v orthogonalised each on its own
 
-    def check_architecture(self, prefix: str = "") -> None:
-        """The one set of rules, for params.yaml (`prefix` "gpt.") and for a model's config alike."""
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            _check(value > 0, f"{prefix}{name}", value, "must be a positive integer")
-        divisible = f"must be divisible by {prefix}n_head ({self.n_head})"
-        _check(self.n_embd % self.n_head == 0, f"{prefix}n_embd", self.n_embd, divisible)
-        _check(0.0 <= self.dropout < 1.0, f"{prefix}dropout", self.dropout, "must be in [0, 1)")
-        _check(self.position in GPT_POSITIONS, f"{prefix}position", self.position, f"must be one of {GPT_POSITIONS}")
+
+class Section:
+    """A model's params section: `train` (how to train it) beside `model` (what to build), written
+    flat in params.yaml. `block_size` belongs to both: the model's context and training's blocks."""
+
+    train: TrainConfig
+    model: Any
+
+    @classmethod
+    def parts(cls) -> tuple[type, type | None]:
+        hints = get_type_hints(cls)
+        return hints["train"], hints["model"] if dataclasses.is_dataclass(hints["model"]) else None
+
+    @classmethod
+    def keys(cls) -> dict[str, Any]:
+        """Every flat key of the section and its type."""
+        train_cls, model_cls = cls.parts()
+        return get_type_hints(train_cls) | (get_type_hints(model_cls) if model_cls else {})
+
+    @classmethod
+    def of(cls, **flat: Any) -> Any:
+        """The section from its flat keys, as params.yaml writes them; a key missing takes its default."""
+        train_cls, model_cls = cls.parts()
+        train_keys = {f.name for f in dataclasses.fields(train_cls)}
+        unknown = set(flat) - set(cls.keys())
+        if unknown:
+            raise TypeError(f"unknown keys for {cls.__name__}: {sorted(unknown)}")
+        train = train_cls(**{k: v for k, v in flat.items() if k in train_keys})
+        if model_cls is None:
+            return cls(train)
+        model_keys = {f.name for f in dataclasses.fields(model_cls)}
+        shared = {"block_size": train.block_size} if "block_size" in model_keys else {}
+        return cls(train, model_cls(**({k: v for k, v in flat.items() if k in model_keys} | shared)))
+
+    def flat(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.train) | (dataclasses.asdict(self.model) if self.model is not None else {})
+
+    def replace(self, **flat: Any) -> Any:
+        """This section with some flat keys changed (and checked again)."""
+        return type(self).of(**(self.flat() | flat))
+
+
+@dataclass(frozen=True)
+class BigramParams(Section):
+    """The `bigram` section: training keys only (the lookup table has no shape to choose)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: None = None
+
+    def __post_init__(self) -> None:
+        self.train.check("bigram")
         _check(
-            self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
-            f"{prefix}position",
-            self.position,
-            f"needs an even head size (n_embd / n_head = {self.n_embd / self.n_head:g})",
-        )
-        _check(self.mlp in GPT_MLPS, f"{prefix}mlp", self.mlp, f"must be one of {GPT_MLPS}")
-        _check(self.logit_softcap >= 0.0, f"{prefix}logit_softcap", self.logit_softcap, "must be >= 0 (0 = off)")
-        _check(
-            self.attention_window >= 0,
-            f"{prefix}attention_window",
-            self.attention_window,
-            "must be >= 0 (0 = every earlier character, the lecture's causal attention)",
+            self.train.optimizer == "adamw",
+            "bigram.optimizer",
+            self.train.optimizer,
+            "must be adamw: the bigram is one lookup table, with no hidden matrices for Muon",
         )
 
 
 @dataclass(frozen=True)
-class GPTParams(TrainConfig, GPTArchitecture):
-    """The `gpt` section: the training keys plus the architecture."""
+class GPTParams(Section):
+    """The `gpt` section: how to train (`GPTTraining`) and what to build (`GPTArchitecture`, beside the
+    model in `charlm.models.gpt.config`)."""
 
-    block_size: int = 128  # both bases have it; the GPT's default, not TrainConfig's
+    train: GPTTraining = field(default_factory=GPTTraining)
+    model: GPTArchitecture = field(default_factory=GPTArchitecture)
 
     def __post_init__(self) -> None:
-        self.check("gpt")
-        self.check_architecture("gpt.")
+        self.train.check("gpt")
+        try:
+            self.model.check_architecture("gpt.")
+        except ConfigError as e:
+            raise ParamsError(str(e)) from None
+        if self.model.block_size != self.train.block_size:
+            raise ValueError("block_size differs between training and the model: build the section with of()")
 
 
 @dataclass(frozen=True)
@@ -198,7 +214,8 @@ class SampleParams:
     max_new_tokens: int = 500
     temperature: float = 1.0
     top_k: int = 0  # 0 means no top-k filtering
-    precision: str = "auto"  # int8 weights on the CPU, float32 elsewhere (charlm.precision.sample_precision)
+    num_samples: int = 1  # texts generated as one batch, each with its own seeded randomness
+    precision: SamplePrecision = "auto"  # int8 weights on the CPU, float32 elsewhere (charlm.hardware.sampling_weights)
 
     def __post_init__(self) -> None:
         _check(
@@ -220,6 +237,7 @@ class SampleParams:
             "must be in [0, 100] (0 means greedy argmax)",
         )
         _check(self.top_k >= 0, "sample.top_k", self.top_k, "must be >= 0 (0 means no top-k filtering)")
+        _check(1 <= self.num_samples <= 1024, "sample.num_samples", self.num_samples, "must be in [1, 1024]")
 
 
 @dataclass(frozen=True)
@@ -247,7 +265,7 @@ class Params:
             "must be >= 0 (0 = never save a resumable state)",
         )
 
-    def model(self, name: str) -> BigramParams | GPTParams:
+    def section(self, name: str) -> BigramParams | GPTParams:
         if name not in MODEL_NAMES:
             raise ParamsError(f"model {name!r}: must be one of {', '.join(MODEL_NAMES)}")
         return getattr(self, name)
@@ -280,7 +298,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         _check(isinstance(value, int | float) and not isinstance(value, bool), key, value, "must be a number")
         _check(math.isfinite(value), key, value, "must be a finite number")
         return float(value)
-    if kind is str:
+    if kind is str or get_origin(kind) is Literal:
+        # A Literal's allowed values are checked, with the section's message, by its dataclass.
         _check(isinstance(value, str), key, value, "must be a string (quote it in YAML)")
         return value
     raise TypeError(f"no coercion for {kind}")
@@ -291,8 +310,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{prefix or 'params'}: must be a mapping of keys to values, got {raw!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    section = isinstance(cls, type) and issubclass(cls, Section)
+    hints = cls.keys() if section else get_type_hints(cls)
+    fields = hints if section else {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         # repr() for keys YAML made odd (numbers, newlines): the message stays one readable line
@@ -308,7 +328,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             kwargs[key] = _build(kind, value, dotted)
         else:
             kwargs[key] = _coerce(dotted, value, kind)
-    return cls(**kwargs)
+    return cls.of(**kwargs) if section else cls(**kwargs)
 
 
 def parse_params(raw: Any) -> Params:

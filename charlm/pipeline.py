@@ -15,8 +15,10 @@ def _stages(dvc_yaml: Path) -> dict:
 
 
 def stage_args(name: str, dvc_yaml: Path) -> list[str]:
-    """The arguments dvc.yaml gives the (non-matrix) stage `name`, after `python -m stages.<name>`."""
-    words = shlex.split(_stages(dvc_yaml)[name]["cmd"])
+    """The arguments dvc.yaml gives the stage `name` (`train@gpt` for a matrix stage's model), after
+    `python -m stages.<stage>`."""
+    name, _, model = name.partition("@")
+    words = shlex.split(_stages(dvc_yaml)[name]["cmd"].replace("${item.model}", model))
     if words[:3] != ["python", "-m", f"stages.{name}"]:
         raise ValueError(f"{dvc_yaml}: stage {name}'s cmd does not start with python -m stages.{name}")
     return words[3:]

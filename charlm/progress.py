@@ -1,11 +1,14 @@
-"""Training progress: a live bar on a terminal, plain flushed log lines when piped (DVC, queues).
+"""Training progress: a live bar on a terminal, plain flushed log lines when piped.
 
-Reading the loss forces a host sync, so it happens only when a line is actually printed.
+An interactive `dvc repro` hands the stage the terminal, which gets the bar; `dvc queue` (read with
+`dvc queue logs --follow`), the VS Code extension and CI pipe the stage's output, which gets a line
+every 30 seconds and one per evaluation. Reading the loss forces a host sync, so it happens only when
+a line is actually printed.
 
-Why not tqdm or rich (both installed with DVC and typer): piped, as under `dvc repro` and in
-`dvc queue logs`, tqdm keeps redrawing its bar with carriage returns, so a log holds one
-ever-growing line, and rich's progress prints nothing until the task ends. Both would need this
-module's plain-line path anyway; the terminal bar it would replace is ten lines.
+Why not tqdm or rich (both installed with DVC and typer): piped, tqdm keeps redrawing its bar with
+carriage returns, so a log holds one ever-growing line, and rich's progress prints nothing until the
+task ends. Both would need this module's plain-line path anyway; the terminal bar it would replace is
+ten lines.
 """
 
 from __future__ import annotations

@@ -15,8 +15,6 @@ import copy
 import torch
 from torch import nn
 
-from charlm.precision import int8_activation_dtype
-
 
 class Int8Linear(nn.Module):
     """`nn.Linear` with int8 weights and one float scale per output feature."""
@@ -25,7 +23,7 @@ class Int8Linear(nn.Module):
         self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.compute_dtype = dtype  # the kernel's activation dtype (charlm.precision.int8_activation_dtype)
+        self.compute_dtype = dtype  # the kernel's activation dtype (`charlm.hardware.Runtime.int8_activations`)
         self.register_buffer("weight_int8", weight_int8)  # (out, in)
         self.register_buffer("scales", scales.to(dtype))  # (out,)
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
@@ -50,8 +48,9 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """A copy of `model`, for inference only, with every `nn.Linear` replaced by an `Int8Linear`.
+def quantize_int8(model: nn.Module, activations: torch.dtype) -> nn.Module:
+    """A copy of `model`, for inference only, with every `nn.Linear` replaced by an `Int8Linear` whose
+    kernel takes `activations` (`charlm.hardware.Runtime.int8_activations`).
 
     CPU only: that is where the kernel was measured and tested (a GPU has the bandwidth for
     float32). A model without linear layers (the bigram's lookup table) comes back unchanged.
@@ -59,10 +58,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"int8 weights run on the CPU only, and this model is on {device}; use float32 there")
-    dtype = int8_activation_dtype(device)
     quantized = copy.deepcopy(model).eval()
     for module in list(quantized.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child, dtype))
+                setattr(module, name, Int8Linear.from_linear(child, activations))
     return quantized

@@ -16,13 +16,14 @@ or edited code never resumes a stale state: it simply finds none.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _io
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ import torch
 
 from charlm import io
 from charlm.curves import CurvePoint
-from charlm.errors import CharlmError
-from charlm.precision import native_bf16
+from charlm.errors import CharlmError, NonFiniteLoss
+from charlm.hardware import native_bf16
 
 FORMAT = "charlm-train-state-v1"
 STALE_AFTER_SECONDS = 14 * 24 * 3600  # a state nobody resumed in two weeks is removed
@@ -76,6 +77,63 @@ def restore_randomness(
         torch.cuda.set_rng_state(streams["device"], device)
     elif device.type == "mps":
         torch.mps.set_rng_state(streams["device"])
+
+
+def _optimizers(optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
+    return tuple(getattr(optimizer, "optimizers", (optimizer,)))  # Muon + AdamW, or one optimizer
+
+
+def capture(
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    average: Any,
+    batch_generator: torch.Generator,
+    sampler: Any,
+    curve: list[CurvePoint],
+    train_seconds: float,
+    device: torch.device,
+    dist: Any,
+) -> TrainingState:
+    """The training loop's state after `step` steps. Every process calls it (a data-parallel run
+    gathers every process's random streams); the main process's is the one to save."""
+    streams = [capture_randomness(batch_generator, device)]
+    if dist.world_size > 1:
+        import torch.distributed as torch_dist
+
+        mine, streams = streams[0], [None] * dist.world_size
+        torch_dist.all_gather_object(streams, mine)
+    return TrainingState(
+        step=step,
+        model=model.state_dict(),
+        optimizer=[opt.state_dict() for opt in _optimizers(optimizer)],
+        average=average.model.state_dict() if average is not None else None,
+        randomness=streams,
+        curve=list(curve),
+        train_seconds=train_seconds,
+        windows=sampler.state_dict() if sampler is not None else None,
+    )
+
+
+def restore(
+    state: TrainingState,
+    optimizer: Any,
+    average: Any,
+    batch_generator: torch.Generator,
+    sampler: Any,
+    device: torch.device,
+    rank: int,
+) -> tuple[list[CurvePoint], float, int]:
+    """Put a saved state back into the loop's optimizer, weight average, random streams and epoch
+    sampler (the weights are loaded before the optimizer is made); (curve, train seconds, step)."""
+    for opt, saved in zip(_optimizers(optimizer), state.optimizer, strict=True):
+        opt.load_state_dict(saved)
+    if average is not None:
+        average.model.load_state_dict(state.average)
+    restore_randomness(state.randomness[rank], batch_generator, device)
+    if sampler is not None:
+        sampler.load_state_dict(state.windows)
+    return list(state.curve), state.train_seconds, state.step
 
 
 def state_key(parts: Mapping[str, Any]) -> str:
@@ -229,6 +287,66 @@ class StateWriter:
     def _give_up(self, why: str) -> None:
         self.failed = why
         self.warn(f"warning: {why}; training goes on without resumable states ({self.FIX})")
+
+
+@dataclass
+class Resumable:
+    """What a train stage resumes from and saves to (`resumable`)."""
+
+    state: TrainingState | None  # the state to continue, if one was found
+    found: Path | None  # its file
+    writer: StateWriter
+    every_seconds: float
+
+    @property
+    def save(self) -> StateWriter | None:
+        return self.writer if self.every_seconds > 0 else None
+
+
+@contextlib.contextmanager
+def resumable(
+    stage: str,
+    params: Mapping[str, Any],
+    data_files: Iterable[Path],
+    device: torch.device,
+    every_seconds: float,
+    is_main: bool,
+    say: Callable[[str], None],
+) -> Iterator[Resumable]:
+    """A train stage's resumable states: the one to continue (a damaged one is refused with a warning),
+    superseded ones removed, the directory checked, and this run's states removed when it finishes.
+
+    Call it once every module the stage runs is imported (the model's too): they are in the key.
+    An exception leaves the states in place, so the next run resumes.
+    """
+    key = training_key(stage, params, data_files, device)
+    directory = default_state_dir()
+    path = state_path(directory, stage, Path.cwd(), key)
+    state, found, refused = take_state(directory, key)
+    if is_main:
+        if refused:
+            say(f"warning: ignoring the saved state {found}: {refused}; starting from step 0")
+            _discard(found)
+        remove_stale_states(directory, path)
+    # Only rank 0 writes states; every rank still takes part in a save (it gathers their random streams).
+    writer = StateWriter(path, key, say)
+    if is_main and every_seconds > 0:
+        writer.check()
+    try:
+        yield Resumable(state, found, writer, every_seconds)
+    except NonFiniteLoss as e:
+        if writer.saved_step is None:
+            raise
+        raise NonFiniteLoss(f"{e}; the resumable state of step {writer.saved_step:,} is kept") from None
+    if is_main:
+        for done in {path, found}:
+            _discard(done)  # finished: nothing left to resume
+
+
+def _discard(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):  # gone already, or a state directory that never worked
+            path.unlink(missing_ok=True)
 
 
 def _reason(e: BaseException) -> str:

@@ -21,19 +21,19 @@ the lecture's loop (which re-runs the whole cropped context for every token). Pa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from charlm.errors import UsageError
-from charlm.precision import sample_precision
 from charlm.quantize import quantize_int8
 from charlm.tokenizer import CharTokenizer
 
 if TYPE_CHECKING:
     from charlm.checkpoint import Checkpoint
+    from charlm.hardware import Runtime
     from charlm.params import SampleParams
 
 
@@ -54,8 +54,60 @@ def prompt_ids(tokenizer: CharTokenizer, prompt: str, drop_unknown: bool = False
     return tokenizer.encode(prompt), dropped
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """Next token ids (B, 1) from last-position logits (B, V)."""
+class KVCache:
+    """Keys and values of every layer for the positions generated so far, preallocated to
+    `block_size` (or to the attention window, all a new token can see) so each new token writes in
+    place instead of concatenating.
+
+    `position` counts every token seen; `length` those held (at most the capacity). Once full, a
+    cache of a RoPE model slides: a new token overwrites the oldest slot. Its keys carry their
+    absolute rotation, and one query attends to a set of keys in any order, so no re-ordering or
+    re-computation is needed (see `charlm.sampling` for how this compares to the lecture's loop).
+    """
+
+    def __init__(self, config: Any, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        """`config`: the GPT's (`n_layer`, `n_head`, `n_embd`, `block_size`, `attention_window`)."""
+        window = config.attention_window
+        self.capacity = window if 0 < window < config.block_size else config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, self.capacity, config.n_embd // config.n_head)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.position = 0
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, C): the token shift's previous character
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k, v (B, nh, T, hs); return all keys and values held (with the new ones),
+        or, for a prompt longer than a window-sized cache, the prompt's own (it keeps their last ones)."""
+        T = k.size(2)
+        if self.length + T <= self.capacity:
+            end = self.length + T
+            self.keys[layer, :, :, self.length : end] = k
+            self.values[layer, :, :, self.length : end] = v
+            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        if self.length == 0:
+            # Position p lives in slot p % capacity, where the sliding below expects it.
+            slots = torch.arange(T - self.capacity, T, device=k.device) % self.capacity
+            self.keys[layer, :, :, slots] = k[:, :, -self.capacity :]
+            self.values[layer, :, :, slots] = v[:, :, -self.capacity :]
+            return k, v
+        if T != 1:
+            raise ValueError("a full KV cache takes one new token at a time")
+        slot = self.position % self.capacity  # the oldest token's slot
+        self.keys[layer, :, :, slot : slot + 1] = k
+        self.values[layer, :, :, slot : slot + 1] = v
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n: int) -> None:
+        self.position += n
+        self.length = min(self.capacity, self.length + n)
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Next token ids (B, 1) from last-position logits (B, V). With one generator per row, each row
+    draws from its own: a stream's text does not depend on the streams beside it."""
     logits = logits.float().cpu()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -64,7 +116,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    rows = [torch.multinomial(p[None], num_samples=1, generator=g) for p, g in zip(probs, generator, strict=True)]
+    return torch.cat(rows)  # (B, 1)
 
 
 @torch.inference_mode()
@@ -74,17 +129,18 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Extend `idx` (B, T) by `max_new_tokens`; `on_token(next_ids)` sees each step (for streaming)."""
+    """Extend `idx` (B, T) by `max_new_tokens`, all B streams as one batch; `on_token(next_ids)` sees
+    each step (for streaming). `generator`: one for the batch, or one per stream."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     idx = idx.to(device)
-    if use_cache and hasattr(model, "forward_cached"):
+    if use_cache and getattr(model, "cache_slides", None) is not None:
         out = _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
     else:
         out = _generate_recompute(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
@@ -107,8 +163,14 @@ def _generate_recompute(model, idx, max_new_tokens, temperature, top_k, generato
 def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, on_token):
     block_size = model.context_size
     keep = max(1, block_size // 2)
-    slides = getattr(model, "cache_slides", False)  # a RoPE cache slides past block_size; see module docstring
-    logits, cache = model.forward_cached(idx[:, -block_size:], None)
+    dtype = model.token_embedding_table.weight.dtype
+
+    def prefill(context: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        cache = KVCache(model.config, context.size(0), context.device, dtype)
+        logits, _ = model(context, kv_cache=cache)
+        return logits[:, -1, :], cache
+
+    logits, cache = prefill(idx[:, -block_size:])
     for i in range(max_new_tokens):
         next_id = sample_next(logits, temperature, top_k, generator).to(idx.device)
         idx = torch.cat([idx, next_id], dim=1)
@@ -116,46 +178,60 @@ def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, 
             on_token(next_id)
         if i == max_new_tokens - 1:
             break
-        if cache.position >= block_size and not slides:
-            logits, cache = model.forward_cached(idx[:, -keep:], None)  # re-prefill: see module docstring
+        if cache.position >= block_size and not model.cache_slides:
+            logits, cache = prefill(idx[:, -keep:])  # re-prefill: see the module docstring
         else:
-            logits, cache = model.forward_cached(next_id, cache)
+            logits, _ = model(next_id, kv_cache=cache)
+            logits = logits[:, -1, :]
     return idx
+
+
+def stream_seeds(seed: int, n: int) -> list[int]:
+    """The seed of each of n samples: the first is `seed` itself, so one sample is what it always was."""
+    return [seed + 7919 * i for i in range(n)]
+
+
+def format_samples(texts: list[str]) -> str:
+    """Several samples one after another, each under a header line; one sample as it is."""
+    if len(texts) == 1:
+        return texts[0]
+    return "".join(f"===== sample {i + 1} of {len(texts)} =====\n{text}\n\n" for i, text in enumerate(texts))
 
 
 def sample_text(
     ckpt: Checkpoint,
     settings: SampleParams,
-    device: torch.device,
+    runtime: Runtime,
     seed: int,
     drop_unknown: bool = False,
     on_start: Callable[[str, list[str]], None] | None = None,
     on_text: Callable[[str], None] | None = None,
-) -> tuple[str, list[str]]:
-    """A checkpoint plus sample settings to text (the prompt, then the new characters), and the prompt
-    characters dropped. The sample stage and `charlm sample` both call this; `on_start` sees the
-    prompt as it will be continued and the dropped characters, `on_text` each new character."""
+) -> tuple[list[str], list[str]]:
+    """A checkpoint plus sample settings to `settings.num_samples` texts (each the prompt, then the new
+    characters), generated as one batch with a seeded generator per text, and the prompt characters
+    dropped. The sample stage and `charlm sample` both call this; `on_start` sees the prompt as it
+    will be continued and the dropped characters, `on_text` each new character of a single sample."""
     tokenizer = ckpt.tokenizer
     if settings.top_k > tokenizer.vocab_size:
         raise UsageError(
             f"sample.top_k = {settings.top_k}: must be <= the vocabulary size ({tokenizer.vocab_size}), or 0"
         )
-    precision = sample_precision(device, settings.precision)
     ids, dropped = prompt_ids(tokenizer, settings.prompt, drop_unknown=drop_unknown)
     torch.manual_seed(seed)
-    model = ckpt.build().to(device)
-    if precision == "int8":
-        model = quantize_int8(model)
+    model = ckpt.build(runtime)
+    if runtime.sample_weights == "int8":
+        model = quantize_int8(model, runtime.int8_activations)
     if on_start is not None:
         on_start(tokenizer.decode(ids), dropped)
-    show = None if on_text is None else (lambda next_id: on_text(tokenizer.chars[int(next_id[0, 0])]))
+    n = settings.num_samples
+    show = None if on_text is None or n > 1 else (lambda next_id: on_text(tokenizer.chars[int(next_id[0, 0])]))
     out = generate(
         model,
-        torch.tensor([ids], dtype=torch.long),
+        torch.tensor([ids] * n, dtype=torch.long),
         settings.max_new_tokens,
         settings.temperature,
         settings.top_k,
-        torch.Generator().manual_seed(seed),
+        [torch.Generator().manual_seed(s) for s in stream_seeds(seed, n)],
         on_token=show,
     )
-    return tokenizer.decode(out[0].tolist()), dropped
+    return [tokenizer.decode(row.tolist()) for row in out], dropped

@@ -1,7 +1,8 @@
-"""The training loop, for either model.
+"""The training loop, for either model, in the lecture's order: learning rate, evaluation, forward and
+backward per micro-batch, clipping, the optimizer's step, the weight average, progress.
 
-The loop never reads a value back from the device except when it logs or evaluates: a per-step
-`.item()` would stall an accelerator on every step.
+The loop never reads a value back from the device except when it logs, evaluates or saves: a
+per-step `.item()` would stall an accelerator on every step.
 """
 
 from __future__ import annotations
@@ -10,29 +11,25 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from charlm.batches import EpochWindows, get_batch, windows_at
+from charlm import resume
+from charlm.batches import EpochBlocks, blocks_at, get_batch
 from charlm.curves import CurvePoint
 from charlm.device import synchronize
 from charlm.distributed import Distributed, rank_seed
-from charlm.errors import CharlmError
+from charlm.errors import NonFiniteLoss
 from charlm.evaluation import estimate_loss
+from charlm.hardware import Runtime
 from charlm.memory import BF16_AUTOCAST, FLOAT32, TrainingMemory, available_memory, check_fits, training_memory
-from charlm.models import build_model
-from charlm.optim import MuonAdamW, WeightAverage, hidden_matrices, make_optimizer
+from charlm.models import build_model, place
+from charlm.optim import WeightAverage, hidden_matrices, make_optimizer
 from charlm.params import ParamsError, TrainConfig
-from charlm.precision import attention_is_explicit, autocast_context, autocast_dtype
-from charlm.resume import TrainingState, capture_randomness, restore_randomness
-
-
-class NonFiniteLoss(CharlmError):
-    """Training diverged: a loss that is NaN or infinite. Nothing trained after it is worth keeping."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +38,18 @@ class TrainResult:
     train_seconds: float  # optimisation only, evaluations excluded
     tokens_per_second: float
     precision: str
+
+    def stats(self, cfg: TrainConfig, device: torch.device, dist: Distributed) -> dict[str, Any]:
+        """What the checkpoint records of its training (the evaluate stage copies it into the metrics)."""
+        return {
+            "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "precision": self.precision,
+            "device": str(device),
+            "nproc": dist.world_size,
+            "steps": cfg.max_iters,
+            "batch_windows": cfg.batch_windows,
+        }
 
 
 def micro_batches(cfg: TrainConfig, world_size: int, section: str = "") -> tuple[int, int]:
@@ -84,7 +93,7 @@ def parameter_counts(model_name: str, config: Mapping[str, Any]) -> tuple[int, i
 
 
 def check_training_memory(
-    section: str, cfg: TrainConfig, config: Mapping[str, Any], device: torch.device, world_size: int
+    section: str, cfg: TrainConfig, config: Mapping[str, Any], runtime: Runtime, world_size: int
 ) -> TrainingMemory:
     """Refuse, in one line naming the params, a training run that cannot fit; else the estimate.
 
@@ -93,18 +102,24 @@ def check_training_memory(
     """
     n_params, n_muon = parameter_counts(section, config)
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    amp = autocast_dtype(device, cfg.precision)
-    explicit = attention_is_explicit(device.type, amp == torch.bfloat16, float(config.get("dropout", 0.0) or 0.0))
     need = training_memory(
-        n_params, n_muon, config, micro, cfg.optimizer, cfg.ema_decay > 0, explicit, BF16_AUTOCAST if amp else FLOAT32
+        n_params,
+        n_muon,
+        config,
+        micro,
+        cfg.optimizer,
+        cfg.ema_decay > 0,
+        runtime.attention.full_training == "explicit",
+        BF16_AUTOCAST if runtime.autocast is not None else FLOAT32,
     )
-    sharing = 1 if device.type == "cuda" else world_size
+    sharing = 1 if runtime.device.type == "cuda" else world_size
+    values = {**config, "batch_size": cfg.batch_size, "block_size": cfg.block_size}
     sizes = ("n_embd", "n_layer", "n_head", "batch_size", "block_size")
-    named = ", ".join(f"{name} = {getattr(cfg, name)}" for name in sizes if hasattr(cfg, name))
+    named = ", ".join(f"{name} = {values[name]}" for name in sizes if name in values)
     each = f" x {sharing} processes" if sharing > 1 else ""
     check_fits(
         need.total * sharing,
-        available_memory(device),
+        available_memory(runtime.device),
         f"{section}.{named}: training {n_params:,} parameters ({need.breakdown()}{each})",
         "make the model or the batch smaller, or set micro_batch_size",
     )
@@ -127,160 +142,168 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.learning_rate - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+class Stopwatch:
+    """Seconds of optimisation: evaluations and state saves are paused out. Reads wait for the device."""
+
+    def __init__(self, device: torch.device, seconds: float = 0.0) -> None:
+        self.device = device
+        self.before = seconds  # from a resumed run
+        synchronize(device)
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        synchronize(self.device)
+        self.before += time.perf_counter() - self.started
+        try:
+            yield
+        finally:
+            self.started = time.perf_counter()
+
+    def stop(self) -> float:
+        synchronize(self.device)
+        return self.seconds
+
+
+class Divergence:
+    """Whether every training loss so far was finite. The flag lives on the device: reading it is a host
+    sync, so on an accelerator it is read only where the loop syncs anyway (evaluations, state saves,
+    the end); on a CPU reading it costs nothing, so every step."""
+
+    def __init__(self, runtime: Runtime, step: int) -> None:
+        self.runtime = runtime
+        self.finite = torch.ones((), dtype=torch.bool, device=runtime.device)
+        self.checked = step
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.finite &= torch.isfinite(loss.detach())
+
+    def check(self, steps_done: int, every_step: bool = False) -> None:
+        if every_step and self.runtime.device.type != "cpu":
+            return
+        if not bool(self.finite):
+            exact = steps_done - self.checked <= 1
+            when = f"at step {steps_done:,}" if exact else f"between steps {self.checked:,} and {steps_done:,}"
+            raise self.error(f"the training loss is not finite (NaN or infinite) {when}")
+        self.checked = steps_done
+
+    def check_weights(self, model: nn.Module, steps_done: int) -> None:
+        # A state saved from diverged weights would resume into the same NaNs: keep the last good one.
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise self.error(f"the weights are not finite (NaN or infinite) after step {steps_done:,}")
+
+    def check_point(self, point: CurvePoint) -> None:
+        if not all(math.isfinite(loss) for loss in dataclasses.astuple(point)):
+            raise self.error(f"the loss estimates at step {point.step:,} are not finite (NaN or infinite)")
+
+    def error(self, what: str) -> NonFiniteLoss:
+        return NonFiniteLoss(
+            f"{what} on {self.runtime.device} in {self.runtime.precision}; nothing was written. "
+            "Try a lower learning_rate, or precision: float32, or device: cpu to compare"
+        )
+
+
 def train(
     model: nn.Module,
     train_data: torch.Tensor,
     val_data: torch.Tensor,
     cfg: TrainConfig,
-    device: torch.device,
+    *,
+    runtime: Runtime,
     seed: int,
+    dist: Distributed = Distributed(),
+    resume_from: resume.TrainingState | None = None,
+    save_state: Callable[[resume.TrainingState], None] | None = None,
+    save_every_seconds: float = 0.0,
     on_progress: Callable[[int, int, torch.Tensor | None, float], None] | None = None,
     on_eval: Callable[[CurvePoint], None] | None = None,
-    dist: Distributed = Distributed(),
-    resume: TrainingState | None = None,
-    save_state: Callable[[TrainingState], None] | None = None,
-    save_every_seconds: float = 0.0,
 ) -> TrainResult:
-    """Train in place. `on_progress(step, max_iters, loss, tokens_per_s)` gets the loss as a device
-    tensor: reading it is a host sync, so callers read it only when they print.
+    """Train `model` in place on `runtime`'s device, kernels and dtypes; it ends holding the weights the
+    checkpoint saves (the weight average, with `ema_decay` > 0).
 
-    The curve measures the weights being trained and, with `ema_decay` > 0, also the weight average,
-    which the model ends holding (the checkpoint saves it).
-
-    Under torchrun (`dist.world_size` > 1) the model is wrapped in DDP; every process draws its own
-    batches; only the main process evaluates, so only it has a curve.
-
-    With `save_state`, the main process hands it the whole training state every `save_every_seconds`
-    (every process must pass one: they all contribute their random streams); `resume` continues
-    from such a state, to the same result as a run never interrupted.
+    The curve measures the weights being trained and, with a weight average, the average too.
+    `on_progress(step, max_iters, loss, tokens_per_s)` gets the loss as a device tensor (reading it is
+    a host sync: read it only to print). Under torchrun (`dist.world_size` > 1) the model is wrapped in
+    DDP, every process draws its own batches and only the main one evaluates. With `save_state`, the
+    main process hands it the whole training state every `save_every_seconds` (every process must pass
+    one: they all contribute their random streams); `resume_from` continues such a state to the same
+    result as a run never interrupted.
     """
-    amp = autocast_dtype(device, cfg.precision)
+    device = runtime.device
     micro, accum_steps = micro_batches(cfg, dist.world_size)  # the caller has checked it against the params
-    model.to(device)
-    if resume is not None:
-        model.load_state_dict(resume.model)
+    place(model, runtime)
+    if resume_from is not None:
+        model.load_state_dict(resume_from.model)
     model.train()
     net = model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, cfg, device)
-    # Only the main process evaluates and saves, so only it needs the average.
-    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None
+    optimizer = make_optimizer(model, cfg, runtime)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None  # only rank 0 saves
     batch_gen = torch.Generator().manual_seed(rank_seed(seed, dist.rank))  # each process its own batches
     # The epoch sampler is the same in every process (rank 0's seed): each takes its slice of a draw.
-    epoch_windows = (
-        EpochWindows(len(train_data), cfg.block_size, torch.Generator().manual_seed(rank_seed(seed, 0)))
+    epoch_blocks = (
+        EpochBlocks(len(train_data), cfg.block_size, torch.Generator().manual_seed(rank_seed(seed, 0)))
         if cfg.batch_windows == "epoch"
         else None
     )
-    eval_gen_seed = seed + 1  # fixed eval batches: every point of the curve is measured on the same text
-    splits = {"train": train_data, "val": val_data}
     curve: list[CurvePoint] = []
-    tokens_per_step = cfg.batch_size * cfg.block_size
-    train_seconds = 0.0
-    optimizers = optimizer.optimizers if isinstance(optimizer, MuonAdamW) else (optimizer,)
-    start_step = 0
-    if resume is not None:
-        for opt, state in zip(optimizers, resume.optimizer, strict=True):
-            opt.load_state_dict(state)
-        if average is not None:
-            average.model.load_state_dict(resume.average)
-        restore_randomness(resume.randomness[dist.rank], batch_gen, device)
-        if epoch_windows is not None:
-            epoch_windows.load_state_dict(resume.windows)
-        curve, train_seconds, start_step = list(resume.curve), resume.train_seconds, resume.step
-    last_save = time.monotonic()
-    precision = "float32" if amp is None else str(amp).removeprefix("torch.")
-    # Whether every training loss so far was finite, kept on the device: reading it is a host sync, so
-    # on an accelerator it is read only where the loop syncs anyway (evaluations, state saves, the end);
-    # on a CPU reading it costs nothing, so every step.
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    checked = start_step
-
-    def check_finite(steps_done: int) -> None:
-        nonlocal checked
-        if not bool(finite):
-            exact = steps_done - checked <= 1
-            when = f"at step {steps_done:,}" if exact else f"between steps {checked:,} and {steps_done:,}"
-            raise diverged(f"the training loss is not finite (NaN or infinite) {when}")
-        checked = steps_done
-
-    def diverged(what: str) -> NonFiniteLoss:
-        return NonFiniteLoss(
-            f"{what} on {device} in {precision}; nothing was written. "
-            "Try a lower learning_rate, or precision: float32, or device: cpu to compare"
+    start_step, seconds = 0, 0.0
+    if resume_from is not None:
+        curve, seconds, start_step = resume.restore(
+            resume_from, optimizer, average, batch_gen, epoch_blocks, device, dist.rank
         )
-
-    def snapshot(steps_done: int) -> None:
-        # A state saved from diverged weights would resume into the same NaNs: keep the last good one.
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise diverged(f"the weights are not finite (NaN or infinite) after step {steps_done:,}")
-        streams = [capture_randomness(batch_gen, device)]
-        if dist.world_size > 1:
-            import torch.distributed as torch_dist
-
-            mine, streams = streams[0], [None] * dist.world_size
-            torch_dist.all_gather_object(streams, mine)
-        if dist.is_main:
-            state = TrainingState(
-                step=steps_done,
-                model=model.state_dict(),
-                optimizer=[opt.state_dict() for opt in optimizers],
-                average=average.model.state_dict() if average is not None else None,
-                randomness=streams,
-                curve=list(curve),
-                train_seconds=train_seconds,
-                windows=epoch_windows.state_dict() if epoch_windows is not None else None,
-            )
-            save_state(state)
-
-    def estimate(net: nn.Module) -> dict[str, float]:
-        generator = torch.Generator().manual_seed(eval_gen_seed)
-        return estimate_loss(net, splits, cfg.block_size, cfg.eval_iters, cfg.batch_size, generator, device, amp)
+    splits = {"train": train_data, "val": val_data}
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    divergence = Divergence(runtime, start_step)
 
     def evaluate(step: int) -> None:
-        check_finite(step)
-        trained = estimate(model)
+        divergence.check(step)
+        # The same batches at every point (seed + 1), so the curve is smooth.
+        trained = estimate_loss(model, splits, cfg, torch.Generator().manual_seed(seed + 1), runtime)
         if average is None:
             point = CurvePoint.without_average(step, trained["train"], trained["val"])
         else:
             # At step 0 the average is the initial weights, which were just measured.
-            saved = trained if step == 0 else estimate(average.model)
-            point = CurvePoint(step, trained["train"], trained["val"], saved["train"], saved["val"])
-        if not all(math.isfinite(loss) for loss in dataclasses.astuple(point)):
-            raise diverged(f"the loss estimates at step {step:,} are not finite (NaN or infinite)")
+            averaged = trained if step == 0 else estimate_loss(
+                average.model, splits, cfg, torch.Generator().manual_seed(seed + 1), runtime
+            )
+            point = CurvePoint(step, trained["train"], trained["val"], averaged["train"], averaged["val"])
+        divergence.check_point(point)
         curve.append(point)
         if on_eval is not None:
             on_eval(point)
 
-    synchronize(device)
-    started = time.perf_counter()
+    stopwatch = Stopwatch(device, seconds)
+    last_save = time.monotonic()
     for step in range(start_step, cfg.max_iters):
-        if step % cfg.eval_interval == 0 and dist.is_main:
-            synchronize(device)
-            train_seconds += time.perf_counter() - started
-            evaluate(step)
-            started = time.perf_counter()
+        lr = learning_rate_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, cfg)
+            group["lr"] = lr
+        if step % cfg.eval_interval == 0 and dist.is_main:
+            with stopwatch.paused():
+                evaluate(step)
         optimizer.zero_grad(set_to_none=True)
         for micro_step in range(accum_steps):
-            if epoch_windows is None:
+            if epoch_blocks is None:
                 x, y = get_batch(train_data, micro, cfg.block_size, batch_gen, device)
             else:
-                starts = epoch_windows.take(micro * dist.world_size)[dist.rank * micro : (dist.rank + 1) * micro]
-                x, y = windows_at(train_data, starts, cfg.block_size, device)
+                starts = epoch_blocks.take(micro * dist.world_size)[dist.rank * micro : (dist.rank + 1) * micro]
+                x, y = blocks_at(train_data, starts, cfg.block_size, device)
             # DDP all-reduces gradients on every backward; between micro-batches that is wasted work.
-            last = micro_step == accum_steps - 1
-            with net.no_sync() if net is not model and not last else contextlib.nullcontext():
-                with autocast_context(device, amp):
+            last_micro = micro_step == accum_steps - 1
+            with net.no_sync() if net is not model and not last_micro else contextlib.nullcontext():
+                with runtime.autocast_context():
                     _, loss = net(x, y)
                 (loss / accum_steps if accum_steps > 1 else loss).backward()
-                finite &= torch.isfinite(loss.detach())
-        if device.type == "cpu":
-            check_finite(step + 1)
+                divergence.add(loss)
+        divergence.check(step + 1, every_step=True)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -288,18 +311,19 @@ def train(
             average.update(model)
         last_step = step + 1 == cfg.max_iters
         if save_state is not None and not last_step and _save_due(step, last_save, save_every_seconds, dist, device):
-            synchronize(device)
-            train_seconds += time.perf_counter() - started
-            check_finite(step + 1)  # a state is saved only from finite training
-            snapshot(step + 1)
+            with stopwatch.paused():
+                divergence.check(step + 1)  # a state is saved only from finite training
+                divergence.check_weights(model, step + 1)
+                state = resume.capture(
+                    step + 1, model, optimizer, average, batch_gen, epoch_blocks, curve, stopwatch.before, device, dist
+                )
+                if dist.is_main:
+                    save_state(state)
             last_save = time.monotonic()
-            started = time.perf_counter()
         if on_progress is not None:
-            elapsed = train_seconds + time.perf_counter() - started
-            on_progress(step + 1, cfg.max_iters, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9))
-    synchronize(device)
-    train_seconds += time.perf_counter() - started
-    check_finite(cfg.max_iters)
+            on_progress(step + 1, cfg.max_iters, loss, (step + 1) * tokens_per_step / max(stopwatch.seconds, 1e-9))
+    train_seconds = stopwatch.stop()
+    divergence.check(cfg.max_iters)
     if dist.is_main:
         evaluate(cfg.max_iters)
     if average is not None:
@@ -308,7 +332,7 @@ def train(
         curve=curve,
         train_seconds=train_seconds,
         tokens_per_second=cfg.max_iters * tokens_per_step / max(train_seconds, 1e-9),
-        precision=precision,
+        precision=runtime.precision,
     )
 
 

@@ -7,12 +7,10 @@ import typer
 
 from charlm import io
 from charlm.batches import load_tokens
-from charlm.checkpoint import load_checkpoint
-from charlm.device import configure_threads, resolve_device
+from charlm.checkpoint import load_for_stage
 from charlm.errors import reported_errors
 from charlm.evaluation import split_loss
-from charlm.params import load_params
-from charlm.tokenizer import CharTokenizer
+from charlm.models import extra_metrics
 
 
 def main(
@@ -25,18 +23,14 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="The params file."),
 ) -> None:
     with reported_errors(f"evaluate@{model}"):
-        p = load_params(params)
-        device = resolve_device(p.device)
-        configure_threads(p.threads)
-        tokenizer = CharTokenizer.load(vocab)
-        ckpt = load_checkpoint(checkpoint, expected_model=model, tokenizer=tokenizer)
-        train_data = load_tokens(train_tokens, tokenizer.dtype)
-        val_data = load_tokens(val_tokens, tokenizer.dtype)
-        net = ckpt.build().to(device)
-        window = ckpt.config.get("block_size", 256)  # the bigram sees one token whatever the window
-        val_loss = split_loss(net, val_data, window, device)
-        # The train split is 9x the val split: an even spread of windows as large as val is enough.
-        train_loss = split_loss(net, train_data, window, device, max_tokens=len(val_data))
+        _, runtime, ckpt = load_for_stage(model, checkpoint, vocab, params)
+        train_data = load_tokens(train_tokens, ckpt.tokenizer.dtype)
+        val_data = load_tokens(val_tokens, ckpt.tokenizer.dtype)
+        net = ckpt.build(runtime)
+        block_size = ckpt.config.get("block_size", 256)  # the bigram sees one token whatever the block
+        val_loss = split_loss(net, val_data, block_size, runtime.device)
+        # The train split is 9x the val split: an even spread of blocks as large as val is enough.
+        train_loss = split_loss(net, train_data, block_size, runtime.device, max_tokens=len(val_data))
         result = {
             "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),
@@ -44,16 +38,13 @@ def main(
             "overfit_gap": round(val_loss - train_loss, 5),  # val - train: how much is memorised
             "params": ckpt.n_params,
         }
-        if model == "bigram":
-            from charlm.models.bigram import bigram_loss_floor
-
-            result["val_loss_floor"] = round(bigram_loss_floor(train_data, val_data, tokenizer.vocab_size), 5)
+        result |= extra_metrics(model, train_data, val_data, ckpt.tokenizer.vocab_size)
         stats = ckpt.train_stats
         result |= {
             "train_seconds": stats.get("train_seconds"),
             "tokens_per_second": stats.get("tokens_per_second"),
             "precision": stats.get("precision"),
-            "device": str(device),
+            "device": str(runtime.device),
         }
         io.write_json(metrics, result)
         print(f"evaluate@{model}: val_loss {val_loss:.4f}, train_loss {train_loss:.4f}")

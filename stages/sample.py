@@ -5,13 +5,9 @@ from pathlib import Path
 import typer
 
 from charlm import io
-from charlm.checkpoint import load_checkpoint
-from charlm.device import configure_threads, resolve_device
+from charlm.checkpoint import load_for_stage
 from charlm.errors import reported_errors
-from charlm.params import load_params
-from charlm.precision import sample_precision
-from charlm.sampling import sample_text
-from charlm.tokenizer import CharTokenizer
+from charlm.sampling import format_samples, sample_text
 
 
 def main(
@@ -22,15 +18,11 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="The params file."),
 ) -> None:
     with reported_errors(f"sample@{model}"):
-        p = load_params(params)
-        device = resolve_device(p.device)
-        configure_threads(p.threads)
-        tokenizer = CharTokenizer.load(vocab)
-        ckpt = load_checkpoint(checkpoint, expected_model=model, tokenizer=tokenizer)
-        text, _ = sample_text(ckpt, p.sample, device, p.seed)
-        io.write_text(out, text)
-        precision = sample_precision(device, p.sample.precision)
-        print(f"sample@{model}: {p.sample.max_new_tokens} tokens ({precision} weights) to {out}")
+        p, runtime, ckpt = load_for_stage(model, checkpoint, vocab, params, sampling=True)
+        texts, _ = sample_text(ckpt, p.sample, runtime, p.seed)
+        io.write_text(out, format_samples(texts))
+        count = f"{len(texts)} x " if len(texts) > 1 else ""
+        print(f"sample@{model}: {count}{p.sample.max_new_tokens} tokens ({runtime.sample_weights} weights) to {out}")
 
 
 if __name__ == "__main__":

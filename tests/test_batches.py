@@ -1,6 +1,6 @@
 import torch
 
-from charlm.batches import EpochWindows, get_batch, load_tokens, sequential_windows, windows_at
+from charlm.batches import EpochBlocks, blocks_at, get_batch, load_tokens, sequential_blocks
 
 
 def test_targets_are_inputs_shifted_by_one():
@@ -22,7 +22,7 @@ def test_same_seed_same_batch():
 
 def test_epoch_windows_hand_out_every_window_of_an_epoch_once_in_random_order():
     n_tokens, block_size = 203, 10
-    windows = EpochWindows(n_tokens, block_size, torch.Generator().manual_seed(0))
+    windows = EpochBlocks(n_tokens, block_size, torch.Generator().manual_seed(0))
     offsets = set()
     for epoch in range(1, 4):
         first = windows.take(1)  # an empty queue: this begins the next epoch
@@ -39,7 +39,7 @@ def test_epoch_windows_hand_out_every_window_of_an_epoch_once_in_random_order():
 
 def test_epoch_windows_straddle_epochs_and_resume_from_their_state():
     def sampler(seed):
-        return EpochWindows(500, 16, torch.Generator().manual_seed(seed))
+        return EpochBlocks(500, 16, torch.Generator().manual_seed(seed))
 
     whole = sampler(1)
     draws = [whole.take(7) for _ in range(12)]  # 84 windows: about three epochs of ~30
@@ -58,17 +58,17 @@ def test_epoch_windows_straddle_epochs_and_resume_from_their_state():
 
 
 def test_epoch_windows_fit_a_split_barely_longer_than_a_window():
-    windows = EpochWindows(12, 10, torch.Generator().manual_seed(0))
+    windows = EpochBlocks(12, 10, torch.Generator().manual_seed(0))
     starts = windows.take(50)
     data = torch.arange(12, dtype=torch.uint8)
-    x, y = windows_at(data, starts, 10)
+    x, y = blocks_at(data, starts, 10)
     assert torch.equal(y, x + 1) and int(starts.max()) + 10 < 12
 
 
 def test_sequential_windows_count_every_target_once():
     data = torch.arange(103, dtype=torch.uint8)
     seen = []
-    for x, y in sequential_windows(data, block_size=10, batch_size=4):
+    for x, y in sequential_blocks(data, block_size=10, batch_size=4):
         assert torch.equal(y, x + 1)
         seen += y.flatten().tolist()
     assert seen == list(range(1, 103))

@@ -130,12 +130,23 @@ def test_positions_prints_the_loss_by_position_and_refuses_what_it_cannot_measur
     assert result.exit_code == 0, result.output
     rows = result.stdout.splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["0-3", "4-7", "8-11", "12-15"]  # block_size 16, 4 per row
-    assert "windows of 16" in result.stdout.splitlines()[0]
+    assert "blocks of 16" in result.stdout.splitlines()[0]
     short = tmp_path / "short.bin"
     short.write_bytes(TOK.encode_bytes("abc"))
     refused = runner.invoke(app, ["positions", str(ckpt), str(short)])
-    assert refused.exit_code == 2 and "shorter than the model's window of 16" in refused.stderr
+    assert refused.exit_code == 2 and "shorter than the model's block_size 16" in refused.stderr
     bigram = tmp_path / "bigram.pt"
     save_checkpoint(bigram, make_checkpoint("bigram", build_model("bigram", {"vocab_size": TOK.vocab_size}), TOK, {}))
     refused = runner.invoke(app, ["positions", str(bigram), str(split)])
-    assert refused.exit_code == 2 and "has no context window" in refused.stderr
+    assert refused.exit_code == 2 and "has no context block" in refused.stderr
+
+
+def test_several_samples_print_one_after_another_the_first_as_a_single_run_gives_it(ckpt):
+    one = runner.invoke(app, ["sample", str(ckpt), "--prompt", "ab", "-n", "15", "--seed", "3"])
+    three = runner.invoke(app, ["sample", str(ckpt), "--prompt", "ab", "-n", "15", "--seed", "3", "--num-samples", "3"])
+    assert one.exit_code == three.exit_code == 0, three.output
+    blocks = three.stdout.split("===== sample ")[1:]
+    assert [b.split(" =====")[0] for b in blocks] == ["1 of 3", "2 of 3", "3 of 3"]
+    assert blocks[0].split("=====\n", 1)[1].strip("\n") == one.stdout.strip("\n")
+    bad = runner.invoke(app, ["sample", str(ckpt), "--num-samples", "0"])
+    assert bad.exit_code == 2 and "sample.num_samples = 0" in bad.stderr

@@ -4,15 +4,13 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from charlm.corpus import encode_file, fit_vocabulary, iter_text
 from charlm.errors import DataError
 from charlm.tokenizer import CharTokenizer
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_multibyte_characters_split_across_chunks_stay_whole(tmp_path):
@@ -90,13 +88,16 @@ def test_a_large_corpus_encodes_and_splits_in_bounded_memory(tmp_path):
         for _ in range(300 * (1 << 20) // len(line)):
             f.write(line)
     (tmp_path / "params.yaml").write_text("")
-    # Run each stage in a wrapper that reports the stage process's own peak RSS after it exits.
+    # Run each stage in a wrapper that reports the stage process's own peak RSS after it exits: VmHWM,
+    # the high-water mark of this program's memory, which (unlike ru_maxrss) does not start at the
+    # RSS of the test process it was spawned from.
     measure = (
-        "import resource, runpy, sys\n"
+        "import re, runpy, sys\n"
         "sys.argv = sys.argv[1:]\n"
         "try:\n    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', status).group(1)) // 1024)\n"
     )
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     peaks = {}

@@ -102,12 +102,12 @@ if sys.argv[1] == "keep":
 torch.manual_seed(0)
 from charlm.models import build_model, config_for
 from charlm.params import GPTParams
-from charlm.training import train
-cfg = GPTParams(batch_size=8, block_size=32, max_iters=6, eval_interval=100, eval_iters=1, n_layer=2, n_head=2,
+from tests.helpers import train_on_cpu
+cfg = GPTParams.of(batch_size=8, block_size=32, max_iters=6, eval_interval=100, eval_iters=1, n_layer=2, n_head=2,
                 n_embd=64, optimizer="muon", ema_decay=0.9, position="rope", qk_norm=True, mlp="relu2")
 data = torch.randint(20, (4000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 net = build_model("gpt", config_for("gpt", cfg, vocab_size=20))
-train(net, data, data[:1000], cfg, torch.device("cpu"), 0)
+train_on_cpu(net, data, data[:1000], cfg, 0)
 print(repr(torch.cat([p.detach().flatten() for p in net.parameters()]).tolist()[::97]))
 """
 

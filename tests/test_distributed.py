@@ -11,9 +11,11 @@ from charlm.checkpoint import load_checkpoint
 from charlm.curves import read_curve
 from charlm.distributed import Distributed, worker_device
 from charlm.errors import UsageError
-from charlm.params import GPTParams, ParamsError
+from charlm.params import ParamsError, TrainConfig
 from charlm.training import micro_batches
-from tests.conftest import TINY_GPT, TRAIN_ARGS, stage, write_params
+from tests.helpers import TINY_GPT, TRAIN_ARGS, stage, write_params
+
+pytestmark = pytest.mark.slow  # minutes: real DVC runs and stage subprocesses
 
 
 def train_args(name: str) -> list[str]:
@@ -73,13 +75,13 @@ def test_gradient_accumulation_keeps_the_global_batch(prepared, tmp_path, batch_
 
 
 def test_batch_split_validation():
-    assert micro_batches(GPTParams(batch_size=32), 1) == (32, 1)
-    assert micro_batches(GPTParams(batch_size=32), 4) == (8, 1)
-    assert micro_batches(GPTParams(batch_size=32, micro_batch_size=4), 2) == (4, 4)
+    assert micro_batches(TrainConfig(batch_size=32), 1) == (32, 1)
+    assert micro_batches(TrainConfig(batch_size=32), 4) == (8, 1)
+    assert micro_batches(TrainConfig(batch_size=32, micro_batch_size=4), 2) == (4, 4)
     with pytest.raises(ParamsError, match=r"gpt.batch_size = 30: must be divisible by nproc \(4\)"):
-        micro_batches(GPTParams(batch_size=30), 4, "gpt")
+        micro_batches(TrainConfig(batch_size=30), 4, "gpt")
     with pytest.raises(ParamsError, match="gpt.micro_batch_size = 16: must divide the per-process batch"):
-        micro_batches(GPTParams(batch_size=32, micro_batch_size=16), 4, "gpt")
+        micro_batches(TrainConfig(batch_size=32, micro_batch_size=16), 4, "gpt")
 
 
 def test_worker_devices():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench import format_table
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = ["README.md", "CONTRIBUTING.md", "CHANGELOG.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))]
 
 
@@ -186,3 +186,28 @@ def test_no_document_docstring_or_comment_speaks_of_how_the_project_was_made():
 
 def test_the_readme_stays_a_newcomers_page():
     assert len(readme().splitlines()) <= 220
+
+
+TEST_POINTER = re.compile(r"(tests/test_\w+\.py)::(test_\w+)")
+
+
+def test_pointers_to_the_test_that_proves_a_claim_resolve():
+    bad = []
+    for source in tracked("*.py", "*.md"):
+        for test_file, name in TEST_POINTER.findall(source.read_text(encoding="utf-8")):
+            target = ROOT / test_file
+            if not target.is_file() or not re.search(rf"^def {name}\(", target.read_text(encoding="utf-8"), re.M):
+                bad.append(f"{source.relative_to(ROOT)}: {test_file}::{name}")
+    assert not bad, "no such test:\n" + "\n".join(bad)
+
+
+def test_the_gpu_command_in_the_docs_is_the_benchmarks_gpu_recipe():
+    from benchmarks.common import GPU_RECIPE
+    from charlm.params import GPTParams
+
+    page = (ROOT / "docs" / "devices.md").read_text(encoding="utf-8")
+    command = page[page.index("dvc exp run -S device=cuda -S gpt.") :].split("```")[0]
+    settings = dict(re.findall(r"-S gpt\.(\w+)=(\S+)", command))
+    expected = GPTParams.of(**GPU_RECIPE).flat()
+    assert settings.keys() == GPU_RECIPE.keys()
+    assert all(str(expected[k]) == v or float(expected[k]) == float(v) for k, v in settings.items()), settings

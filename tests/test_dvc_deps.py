@@ -7,20 +7,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 
 PROBE = """
 import importlib, json, sys
 importlib.import_module(sys.argv[1])
 if sys.argv[2]:
-    from charlm.models import model_module
-    model_module(sys.argv[2])  # the model the stage builds or loads, imported by name at run time
+    # the model the stage builds or loads, imported by name at run time
+    importlib.import_module(f"charlm.models.{sys.argv[2]}.model")
 root = sys.argv[3]
 files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
 code = (root + "/charlm/", root + "/stages/")

@@ -4,9 +4,13 @@ exported for an offline run, or a forced CPU class, must not leak into the tests
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # stage and training subprocesses: seconds each
+
 
 
 def test_stage_tests_pass_with_a_hostile_shell_environment(tmp_path):

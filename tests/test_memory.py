@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,25 +13,27 @@ from charlm import memory
 from charlm.models import build_model, config_for
 from charlm.params import GPTParams
 from charlm.training import check_training_memory
+from tests.helpers import ROOT, cpu_runtime
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # training and refusals in fresh processes: seconds each
 
 # Trains 3 steps in a fresh process and prints (estimate, measured growth of peak RSS) in bytes.
 MEASURE = """
-import json, resource, sys
+import json, re, sys
 import psutil, torch
 from charlm.models import build_model, config_for
 from charlm.params import GPTParams
-from charlm.training import check_training_memory, train
-from tests.conftest import token_splits
+from charlm.training import check_training_memory
+from tests.helpers import cpu_runtime, token_splits, train_on_cpu
 torch.set_num_threads(1)
 vocab, tr, va = token_splits(2000)
-cfg = GPTParams(**json.loads(sys.argv[1]))
+cfg = GPTParams.of(**json.loads(sys.argv[1]))
 config = config_for("gpt", cfg, vocab)
-estimate = check_training_memory("gpt", cfg, config, torch.device("cpu"), 1).total
+estimate = check_training_memory("gpt", cfg.train, config, cpu_runtime(cfg.train.precision, cfg.model.dropout), 1).total
 before = psutil.Process().memory_info().rss
-train(build_model("gpt", config), tr, va, cfg, torch.device("cpu"), 0)
-print(json.dumps([estimate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before]))
+train_on_cpu(build_model("gpt", config), tr, va, cfg, 0)
+peak = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024  # this program's own
+print(json.dumps([estimate, peak - before]))
 """
 
 SHORT = {"max_iters": 3, "eval_interval": 100, "eval_iters": 1}
@@ -68,10 +69,10 @@ def test_the_estimate_is_within_a_factor_of_the_measured_peak(config):
 
 
 def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
-    cfg = GPTParams(n_embd=10_000_000)
+    cfg = GPTParams.of(n_embd=10_000_000)
     config = config_for("gpt", cfg, 65)
     with pytest.raises(memory.NotEnoughMemory) as e:
-        check_training_memory("gpt", cfg, config, torch.device("cpu"), 1)
+        check_training_memory("gpt", cfg.train, config, cpu_runtime(), 1)
     message = str(e.value)
     assert message.startswith("gpt.n_embd = 10000000, n_layer = 4, n_head = 4, batch_size = 32, block_size = 128:")
     assert "needs about 76.8 PB but" in message and "is available" in message and "\n" not in message
@@ -79,21 +80,24 @@ def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
 
 # Refuses one oversized config in a fresh process; prints (seconds, peak RSS growth in bytes, message).
 REFUSE = """
-import json, resource, sys, time
+import json, re, sys, time
 import torch
 from charlm.memory import NotEnoughMemory
 from charlm.models import config_for
 from charlm.params import GPTParams
 from charlm.training import check_training_memory
-cfg = GPTParams(**json.loads(sys.argv[1]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from tests.helpers import cpu_runtime
+cfg = GPTParams.of(**json.loads(sys.argv[1]))
+def peak():  # VmHWM: this program's own high-water mark (ru_maxrss starts at the spawning process's)
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+before = peak()
 started = time.perf_counter()
 try:
-    check_training_memory("gpt", cfg, config_for("gpt", cfg, 65), torch.device("cpu"), 1)
+    check_training_memory("gpt", cfg.train, config_for("gpt", cfg, 65), cpu_runtime(), 1)
     message = None
 except NotEnoughMemory as e:
     message = str(e)
-grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+grew = peak() - before
 print(json.dumps([time.perf_counter() - started, grew, message]))
 """
 
@@ -122,13 +126,13 @@ def test_any_oversized_key_is_refused_in_seconds_without_building_the_model(size
 
 
 def test_processes_on_one_cpu_share_its_memory(monkeypatch):
-    cfg = GPTParams(n_embd=256, n_head=4, batch_size=2, block_size=8)  # weights, not activations, dominate
+    cfg = GPTParams.of(n_embd=256, n_head=4, batch_size=2, block_size=8)  # weights, not activations, dominate
     config = config_for("gpt", cfg, 65)
-    one = check_training_memory("gpt", cfg, config, torch.device("cpu"), 1).total
+    one = check_training_memory("gpt", cfg.train, config, cpu_runtime(), 1).total
     monkeypatch.setattr("charlm.training.available_memory", lambda device: int(1.5 * one))
-    check_training_memory("gpt", cfg, config, torch.device("cpu"), 1)
+    check_training_memory("gpt", cfg.train, config, cpu_runtime(), 1)
     with pytest.raises(memory.NotEnoughMemory, match="x 2 processes"):
-        check_training_memory("gpt", cfg, config, torch.device("cpu"), 2)
+        check_training_memory("gpt", cfg.train, config, cpu_runtime(), 2)
 
 
 def test_available_memory_reads_meminfo_and_a_container_limit():

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from charlm.hardware import CPU_BF16_ENV
 from charlm.optim import Muon, make_optimizer, orthogonalize
-from charlm.params import TrainConfig
-from charlm.precision import CPU_BF16_ENV
+from charlm.params import GPTTraining, TrainConfig
+from tests.helpers import cpu_runtime
 
 
 def _matrices(seed: int) -> list[nn.Parameter]:
@@ -63,7 +64,7 @@ def test_muon_asks_the_precision_rule_for_its_dtype(monkeypatch, forced, expecte
     monkeypatch.setenv(CPU_BF16_ENV, forced)
     model = nn.Sequential()
     model.blocks = nn.ModuleList([nn.Linear(8, 8)])
-    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), cpu_runtime())
     assert optimizer.optimizers[0].ns_dtype is expected
 
 
@@ -99,11 +100,11 @@ def test_muon_refuses_a_stack_that_does_not_divide_the_rows():
 
 @pytest.mark.parametrize("split", [True, False])
 def test_muon_split_qkv_puts_only_the_gpts_qkv_projections_in_the_stacked_group(split):
-    from charlm.models.gpt import GPT, GPTConfig
+    from charlm.models.gpt.model import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8))
-    cfg = TrainConfig(optimizer="muon", muon_split_qkv=split)
-    muon = make_optimizer(model, cfg, torch.device("cpu")).optimizers[0]
+    cfg = GPTTraining(optimizer="muon", muon_split_qkv=split)
+    muon = make_optimizer(model, cfg, cpu_runtime()).optimizers[0]
     stacked = [p for group in muon.param_groups if group["stacked"] == 3 for p in group["params"]]
     qkv = [block.attn.qkv.weight for block in model.blocks]
     assert [id(p) for p in stacked] == ([id(p) for p in qkv] if split else [])

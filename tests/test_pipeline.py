@@ -22,9 +22,10 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.conftest import make_corpus
+from tests.helpers import ROOT, make_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # minutes: real DVC runs and stage subprocesses
+
 ALL_STAGES = {
     "download",
     "encode",
@@ -247,7 +248,7 @@ def test_editing_sampling_code_reruns_only_sampling(project, env):
         path.write_text(original)
 
 
-@pytest.mark.parametrize("module", ["__init__.py", "ops.py"])
+@pytest.mark.parametrize("module", ["model.py", "kernels.py"])
 def test_editing_gpt_code_leaves_the_bigram_alone(project, env, module):
     path = project / "charlm" / "models" / "gpt" / module
     original = path.read_text()
@@ -371,7 +372,8 @@ def test_queued_sweep_runs_two_experiments_in_parallel(project, env):
 
 def test_share_through_a_dvc_remote(project, env, tmp_path):
     """Push to a local-directory remote; a fresh clone pulls, has nothing to re-run and can sample;
-    an experiment made in the clone travels back with `dvc exp push`."""
+    an experiment made in the clone travels back with `dvc exp push`; `dvc artifacts get` fetches each
+    model by name."""
     remote, clone = tmp_path / "remote", tmp_path / "clone"
     dvc(f"remote add -d shared {remote}", project, env)
     run(["git", "commit", "-qam", "add a DVC remote"], project, env)
@@ -388,6 +390,13 @@ def test_share_through_a_dvc_remote(project, env, tmp_path):
     dvc("exp run -S sample.temperature=0.5 -n from-clone", clone, env)
     dvc("exp push origin from-clone", clone, env)
     assert "from-clone" in dvc("exp list", project, env).stdout
+    # The model registry: a version registered as GTO does (an annotated `<name>@v<semver>` tag), then
+    # each checkpoint fetched by its artifact name, from the repository and its remote.
+    for name in ("gpt", "bigram"):
+        run(["git", "tag", "-a", f"{name}@v0.1.0", "-m", f"Registering artifact {name} version v0.1.0"], project, env)
+        got = tmp_path / f"registry-{name}.pt"
+        dvc(f"artifacts get {project} {name} -o {got}", tmp_path, env)
+        assert got.read_bytes() == (project / "models" / f"{name}.pt").read_bytes()
 
 
 RESUMABLE = {"gpt": {"max_iters": 600, "eval_interval": 100}, "save_state_every_seconds": 0.05}
@@ -499,3 +508,43 @@ def test_training_killed_under_dvc_resumes_to_the_uninterrupted_result(tmp_path,
     b = checkpoint_tensors(project / "models/gpt.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert without_timings(project / "metrics/gpt.json") == without_timings(whole / "metrics/gpt.json")
+
+
+def running_progress(shown: object) -> list[dict]:
+    """The progress metrics of every running experiment in `dvc exp show --json` output."""
+    found = []
+    if isinstance(shown, dict):
+        if (shown.get("executor") or {}).get("state") == "running":
+            for rev in shown.get("revs", []):
+                metrics = ((rev.get("data") or {}).get("metrics") or {}).get("metrics/progress/gpt.json") or {}
+                if metrics.get("data"):
+                    found.append(metrics["data"])
+        for value in shown.values():
+            found += running_progress(value)
+    elif isinstance(shown, list):
+        for value in shown:
+            found += running_progress(value)
+    return found
+
+
+def test_a_queued_experiment_shows_its_step_and_losses_while_it_runs(tmp_path, env):
+    env = env | {"CHARLM_STATE_DIR": str(tmp_path / "states")}
+    project = resumable_project(tmp_path / "live", env)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["gpt"] |= {"max_iters": 3000, "eval_interval": 50}  # long enough to be watched
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "a long run to watch"], project, env)
+    dvc("exp run --queue -n watched", project, env)
+    start_queue(project, env)
+    try:
+        deadline, seen = time.monotonic() + 300, []
+        while time.monotonic() < deadline and not any(p.get("step", 0) > 0 for p in seen):
+            shown = json.loads(dvc("exp show --json", project, env).stdout)
+            seen = running_progress(shown)
+            time.sleep(1)
+        live = [p for p in seen if p.get("step", 0) > 0]
+        assert live, "no running experiment showed its progress"
+        assert live[0]["max_iters"] == 3000 and live[0]["val_loss_estimate"] > 0
+    finally:
+        dvc("queue kill watched", project, env, check=False)
+        stop_queue(project, env)

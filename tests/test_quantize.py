@@ -9,21 +9,20 @@ from charlm.models import build_model, config_for
 from charlm.params import GPTParams
 from charlm.quantize import Int8Linear, quantize_int8
 from charlm.sampling import generate
-from charlm.training import train
-from tests.conftest import token_splits
+from tests.helpers import cpu_runtime, token_splits, train_on_cpu
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A small GPT trained long enough that its logits are far from uniform."""
     vocab_size, train_data, val_data = token_splits(600)
-    cfg = GPTParams(
+    cfg = GPTParams.of(
         batch_size=16, block_size=32, max_iters=150, eval_interval=150, eval_iters=2, n_layer=2, n_head=2,
         n_embd=32, precision="float32", learning_rate=3e-3, warmup_iters=10,
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    train(model, train_data, val_data, cfg, torch.device("cpu"), 0)
+    train_on_cpu(model, train_data, val_data, cfg, 0)
     return model.eval(), val_data
 
 
@@ -46,7 +45,7 @@ def test_int8_linear_is_within_rounding_of_float32():
 
 def test_quantized_gpt_loses_almost_nothing(trained):
     model, val = trained
-    q = quantize_int8(model)
+    q = quantize_int8(model, cpu_runtime().int8_activations)
     assert not any(isinstance(m, nn.Linear) for m in q.modules())
     assert any(isinstance(m, nn.Linear) for m in model.modules())  # a copy: the original is untouched
     x, y = get_batch(val, 64, 32, torch.Generator().manual_seed(0))
@@ -59,7 +58,7 @@ def test_quantized_gpt_loses_almost_nothing(trained):
 
 def test_int8_generation_is_deterministic_and_mostly_agrees_with_float32(trained):
     model, _ = trained
-    q = quantize_int8(model)
+    q = quantize_int8(model, cpu_runtime().int8_activations)
     start = torch.zeros((1, 1), dtype=torch.long)
     a = generate(q, start, 60, temperature=0.0)
     b = generate(q, start, 60, temperature=0.0)
@@ -70,11 +69,11 @@ def test_int8_generation_is_deterministic_and_mostly_agrees_with_float32(trained
 
 def test_bigram_has_nothing_to_quantize():
     model = build_model("bigram", {"vocab_size": 7})
-    q = quantize_int8(model)
+    q = quantize_int8(model, cpu_runtime().int8_activations)
     assert torch.equal(q.token_embedding_table.weight, model.token_embedding_table.weight)
 
 
 def test_int8_refuses_a_model_off_the_cpu():
     model = build_model("bigram", {"vocab_size": 7}).to("meta")
     with pytest.raises(ValueError, match="CPU only"):
-        quantize_int8(model)
+        quantize_int8(model, cpu_runtime().int8_activations)

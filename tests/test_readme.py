@@ -1,9 +1,8 @@
 """The README's commands are the ones that run: CI's `.ci/run` calls the README's test line as written."""
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def fenced_commands(section: str) -> list[str]:

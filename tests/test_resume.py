@@ -10,8 +10,7 @@ import torch
 from charlm import resume as saved
 from charlm.models import build_model, config_for
 from charlm.params import GPTParams
-from charlm.training import train
-from tests.conftest import token_splits
+from tests.helpers import token_splits, train_on_cpu
 
 KEY = "k" * 64
 
@@ -41,14 +40,14 @@ def gpt_params(**overrides) -> GPTParams:
         optimizer="muon",
         ema_decay=0.8,
     )
-    return GPTParams(**(values | overrides))
+    return GPTParams.of(**(values | overrides))
 
 
 def run(splits, cfg, seed=5, **kwargs):
     vocab_size, tr, va = splits
     torch.manual_seed(seed)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    return model, train(model, tr, va, cfg, torch.device("cpu"), 5, **kwargs)
+    return model, train_on_cpu(model, tr, va, cfg, 5, **kwargs)
 
 
 def saving_every_step(directory: Path):
@@ -68,12 +67,12 @@ def test_resumed_run_equals_the_uninterrupted_one(splits, tmp_path, optimizer, b
     cfg = gpt_params(optimizer=optimizer, batch_windows=batch_windows)
     paths, saving = saving_every_step(tmp_path)
     whole, whole_result = run(splits, cfg, **saving)
-    assert [int(p.stem.removeprefix("step")) for p in paths] == list(range(1, cfg.max_iters))
+    assert [int(p.stem.removeprefix("step")) for p in paths] == list(range(1, cfg.train.max_iters))
     for stop in (5, 8):  # mid-way between evaluations, and right before one
         state = saved.load_state(paths[stop - 1], KEY)
         assert state.step == stop and [p.step for p in state.curve] == [s for s in (0, 4, 8) if s < stop]
         # Another seed builds other initial weights: everything must come from the state.
-        resumed, result = run(splits, cfg, seed=99, resume=state)
+        resumed, result = run(splits, cfg, seed=99, resume_from=state)
         for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
             assert torch.equal(a, b), (stop, name)
         assert result.curve == whole_result.curve

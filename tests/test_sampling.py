@@ -4,14 +4,13 @@ import torch
 from charlm.models import build_model
 from charlm.sampling import generate, prompt_ids, sample_next
 from charlm.tokenizer import CharTokenizer, UnknownCharactersError
+from tests import helpers
 
 V = 30
 
 
 def tiny_gpt(block_size=16, **arch):
-    torch.manual_seed(0)
-    config = dict(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32) | arch
-    return build_model("gpt", config).eval()
+    return helpers.tiny_gpt(V, block_size=block_size, **arch)
 
 
 def test_generation_length_is_max_new_tokens():
@@ -91,3 +90,27 @@ def test_prompt_ids():
     with pytest.raises(UnknownCharactersError, match="'z'"):
         prompt_ids(tok, "azb")
     assert prompt_ids(tok, "azb", drop_unknown=True) == ([1, 2], ["z"])
+
+
+def test_many_samples_are_one_batch_and_sample_i_does_not_depend_on_how_many():
+    import dataclasses
+
+    from charlm.checkpoint import Checkpoint
+    from charlm.params import SampleParams
+    from charlm.sampling import format_samples, sample_text
+    from tests.helpers import cpu_runtime
+
+    model = tiny_gpt(position="rope", attention_window=4)
+    tok = CharTokenizer(("\n",) + tuple(chr(ord("a") + i) for i in range(V - 1)))
+    ckpt = Checkpoint("gpt", dataclasses.asdict(model.config), model.state_dict(), tok)
+    runtime = cpu_runtime(sample_precision="float32")
+    texts = {
+        n: sample_text(ckpt, SampleParams(prompt="ab", max_new_tokens=30, num_samples=n), runtime, seed=7)[0]
+        for n in (1, 3, 5)
+    }
+    assert [len(t) for t in texts[5]] == [32] * 5
+    assert texts[3] == texts[5][:3] and texts[1] == texts[5][:1]  # each stream its own seeded randomness
+    assert len(set(texts[5])) == 5  # and the streams differ
+    assert format_samples(texts[1]) == texts[1][0]  # one sample: the text as it always was
+    joined = format_samples(texts[3])
+    assert joined.startswith("===== sample 1 of 3 =====\nab") and joined.count("===== sample") == 3

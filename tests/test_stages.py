@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, TRAIN_ARGS, stage, write_params
+from tests.helpers import ROOT, TINY_GPT, TRAIN_ARGS, stage, write_params
+
+pytestmark = pytest.mark.slow  # stage and training subprocesses: seconds each
 
 
 def start_training(
@@ -95,7 +97,7 @@ def test_killed_training_leaves_nothing_half_written_and_reruns(prepared, tmp_pa
     write_params(tmp_path / "short.yaml", gpt=TINY_GPT | {"max_iters": 10})
     rerun = stage("train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "short.yaml"), cwd=prepared)
     assert rerun.returncode == 0, rerun.stderr
-    assert sorted(p.name for p in leftovers(prepared)) == ["gpt.csv", "gpt.pt"]
+    assert sorted(p.name for p in leftovers(prepared)) == ["gpt.csv", "gpt.json", "gpt.pt"]
     for path in leftovers(prepared):
         path.unlink()
 
@@ -181,6 +183,8 @@ def train_with_states(prepared: Path, tmp_path: Path, name: str, state_dir: Path
     env = os.environ | {"CHARLM_STATE_DIR": str(state_dir)}
     proc = stage("train", "gpt", *args, "--params", str(tmp_path / f"{name}.yaml"), cwd=prepared, env=env)
     assert proc.returncode == 0, proc.stderr
+    for path in (prepared / "curves").glob("*"):
+        path.unlink()  # the next test starts from a work dir without outputs
     return proc, trained_weights(tmp_path / f"{name}.pt")
 
 
@@ -235,14 +239,14 @@ def test_a_diverged_run_stops_with_one_line_writes_nothing_and_keeps_the_last_go
     try:
         with pytest.raises(SystemExit) as e:
             main("gpt", Path("data/train.bin"), Path("data/val.bin"), Path("data/vocab.json"),
-                 tmp_path / "gpt.pt", tmp_path / "gpt.csv", tmp_path / "p.yaml")
+                 tmp_path / "gpt.pt", tmp_path / "gpt.csv", tmp_path / "gpt.json", tmp_path / "p.yaml")
     finally:
         torch.set_num_threads(threads)
     assert e.value.code == 1
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert line.startswith("train@gpt: error: the weights are not finite (NaN or infinite) after step 7 on cpu")
     assert line.endswith("; the resumable state of step 6 is kept")
-    assert not (tmp_path / "gpt.pt").exists() and not (tmp_path / "gpt.csv").exists()
+    assert not any((tmp_path / name).exists() for name in ("gpt.pt", "gpt.csv", "gpt.json"))
     (state,) = states.glob("*.pt")
     payload = torch.load(state, map_location="cpu", weights_only=True)
     assert payload["step"] == 6 and all(torch.isfinite(w).all() for w in payload["model"].values())

@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from charlm.batches import get_batch
 from charlm.evaluation import estimate_loss, position_losses, split_loss
 from charlm.models import build_model, config_for
-from charlm.models.bigram import bigram_loss_floor
-from charlm.models.gpt.ops import explicit_causal_attention
+from charlm.models.bigram.model import bigram_loss_floor
 from charlm.optim import Muon, make_optimizer
-from charlm.params import BigramParams, GPTParams
-from charlm.training import learning_rate_at, train
-from tests.conftest import token_splits
+from charlm.params import BigramParams, GPTParams, TrainConfig
+from charlm.training import learning_rate_at
+from tests.helpers import cpu_runtime, token_splits, train_on_cpu
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def splits():
 
 def train_gpt(splits, seed=0, **overrides):
     vocab_size, tr, va = splits
-    cfg = GPTParams(
+    cfg = GPTParams.of(
         **(
             dict(
                 batch_size=8,
@@ -45,7 +44,7 @@ def train_gpt(splits, seed=0, **overrides):
     )
     torch.manual_seed(seed)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    return model, train(model, tr, va, cfg, torch.device("cpu"), seed)
+    return model, train_on_cpu(model, tr, va, cfg, seed)
 
 
 def test_same_seed_gives_identical_weights_and_losses(splits):
@@ -66,7 +65,7 @@ def test_curve_has_start_and_end_points_and_loss_falls(splits):
 
 def test_bigram_trains_to_its_floor(splits):
     vocab_size, tr, va = splits
-    cfg = BigramParams(
+    cfg = BigramParams.of(
         batch_size=64,
         block_size=16,
         max_iters=400,
@@ -77,24 +76,20 @@ def test_bigram_trains_to_its_floor(splits):
     )
     torch.manual_seed(0)
     model = build_model("bigram", {"vocab_size": vocab_size})
-    train(model, tr, va, cfg, torch.device("cpu"), 0)
+    train_on_cpu(model, tr, va, cfg, 0)
     floor = bigram_loss_floor(tr, va, vocab_size)
     # On a tiny corpus add-one smoothing is a strong prior, so the trained table may even beat it.
     assert split_loss(model, va, 64, torch.device("cpu")) < floor + 0.02
 
 
 def test_learning_rate_schedule():
-    cfg = GPTParams(learning_rate=1.0, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
+    cfg = TrainConfig(learning_rate=1.0, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
     assert learning_rate_at(0, cfg) == pytest.approx(0.1)
     assert learning_rate_at(9, cfg) == pytest.approx(1.0)
     assert learning_rate_at(60, cfg) == pytest.approx(0.55)
     assert learning_rate_at(110, cfg) == pytest.approx(0.1)
 
 
-def test_explicit_attention_matches_sdpa_in_float32():
-    q, k, v = (torch.randn(2, 3, 10, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(explicit_causal_attention(q, k, v), expected, atol=1e-5)
 
 
 def test_bf16_fast_path_stays_close_to_float32_reference(splits):
@@ -116,18 +111,14 @@ def test_bf16_fast_path_stays_close_to_float32_reference(splits):
     assert result.curve[-1].train_loss < math.log(vocab_size) - 0.5
 
 
-def test_bf16_softmax_equals_float32_softmax_rounded():
-    """Why the explicit attention may take its softmax in bf16: on the CPU it is the same numbers."""
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 4
-    assert torch.equal(x.bfloat16().softmax(-1), x.bfloat16().float().softmax(-1).bfloat16())
 
 
 def test_muon_updates_the_blocks_matrices_and_adamw_the_rest(splits):
     """With `optimizer: muon` every hidden matrix goes to Muon, every other parameter to AdamW."""
     vocab_size, _, _ = splits
-    cfg = GPTParams(optimizer="muon", n_layer=2, n_embd=16, n_head=2, block_size=16)
+    cfg = GPTParams.of(optimizer="muon", n_layer=2, n_embd=16, n_head=2, block_size=16)
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = make_optimizer(model, cfg.train, cpu_runtime())
     muon, adamw = optimizer.optimizers
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
@@ -153,7 +144,7 @@ def test_muon_training_is_deterministic_and_learns(splits):
 def test_muon_schedule_reaches_both_optimizers(splits):
     """The loop's lr schedule writes every group: Muon's lr is not stuck at its initial value."""
     vocab_size, tr, va = splits
-    cfg = GPTParams(
+    cfg = GPTParams.of(
         optimizer="muon",
         n_layer=1,
         n_embd=16,
@@ -178,10 +169,10 @@ def test_muon_schedule_reaches_both_optimizers(splits):
     model = build_model("gpt", config_for("gpt", cfg, vocab_size))
     Muon.step = spy
     try:
-        train(model, tr, va, cfg, torch.device("cpu"), 0)
+        train_on_cpu(model, tr, va, cfg, 0)
     finally:
         Muon.step = real_step
-    assert seen == pytest.approx([learning_rate_at(s, cfg) for s in range(4)])
+    assert seen == pytest.approx([learning_rate_at(s, cfg.train) for s in range(4)])
     assert seen[0] > seen[-1]
 
 
@@ -190,7 +181,7 @@ def test_bigram_has_no_matrices_for_muon():
 
     model = build_model("bigram", {"vocab_size": 5})
     with pytest.raises(ParamsError, match="no hidden matrices"):
-        make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+        make_optimizer(model, TrainConfig(optimizer="muon"), cpu_runtime())
 
 
 def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
@@ -212,17 +203,18 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
         assert torch.allclose(value, expected, atol=1e-6), name
         assert not torch.allclose(value, steps[-1][name]), name
     eval_gen = torch.Generator().manual_seed(0 + 1)  # train()'s eval batches: seed + 1
-    losses = estimate_loss(averaged, {"train": tr, "val": va}, 16, 2, 8, eval_gen, torch.device("cpu"))
+    cfg = TrainConfig(block_size=16, eval_iters=2, batch_size=8)  # train_gpt's estimate: 2 batches of 8 blocks
+    losses = estimate_loss(averaged, {"train": tr, "val": va}, cfg, eval_gen, cpu_runtime())
     assert result.curve[-1].saved_val_loss == pytest.approx(losses["val"], abs=1e-6)
     last = build_model("gpt", dict(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     last.load_state_dict(steps[-1])
     eval_gen = torch.Generator().manual_seed(0 + 1)
-    trained = estimate_loss(last, {"train": tr, "val": va}, 16, 2, 8, eval_gen, torch.device("cpu"))
+    trained = estimate_loss(last, {"train": tr, "val": va}, cfg, eval_gen, cpu_runtime())
     assert result.curve[-1].val_loss == pytest.approx(trained["val"], abs=1e-6)
     assert result.curve[-1].train_loss == pytest.approx(trained["train"], abs=1e-6)
     # Step 0 measures the initial weights once: the average is those weights then.
     eval_gen = torch.Generator().manual_seed(0 + 1)
-    at_start = estimate_loss(initial, {"train": tr, "val": va}, 16, 2, 8, eval_gen, torch.device("cpu"))
+    at_start = estimate_loss(initial, {"train": tr, "val": va}, cfg, eval_gen, cpu_runtime())
     first = result.curve[0]
     assert first.step == 0 and (first.saved_train_loss, first.saved_val_loss) == (first.train_loss, first.val_loss)
     assert first.val_loss == pytest.approx(at_start["val"], abs=1e-6)
@@ -241,10 +233,10 @@ def test_curve_shows_the_trained_weights_ahead_of_the_lagging_average_early_on(s
 
 def test_a_smoke_run_shorter_than_the_warm_up_clamps_it():
     # `dvc exp run -S gpt.max_iters=10` with the default warmup_iters (100) must just work.
-    cfg = GPTParams(learning_rate=1.0, min_lr_ratio=0.0, warmup_iters=100, max_iters=10)
+    cfg = TrainConfig(learning_rate=1.0, min_lr_ratio=0.0, warmup_iters=100, max_iters=10)
     lrs = [learning_rate_at(s, cfg) for s in range(10)]
     assert lrs[0] == 1.0 and lrs[-1] < lrs[1]  # one step of warm-up, then the cosine decay
-    long = GPTParams(learning_rate=1.0, warmup_iters=100, max_iters=2000)
+    long = TrainConfig(learning_rate=1.0, warmup_iters=100, max_iters=2000)
     assert learning_rate_at(49, long) == pytest.approx(0.5)  # a long run keeps its full warm-up
 
 
@@ -295,11 +287,10 @@ def test_a_windowed_gpt_learns_on_either_attention_path(splits, monkeypatch, pre
 def test_a_non_finite_loss_stops_training_at_its_step_and_no_state_is_saved_after_it():
     from charlm.models import build_model, config_for
     from charlm.params import GPTParams
-    from charlm.training import NonFiniteLoss, train
-    from tests.conftest import token_splits
+    from charlm.training import NonFiniteLoss
 
     vocab, tr, va = token_splits(300)
-    cfg = GPTParams(
+    cfg = GPTParams.of(
         batch_size=4, block_size=16, max_iters=20, eval_interval=100, eval_iters=1, n_layer=1, n_head=2, n_embd=16,
         precision="float32",
     )
@@ -312,8 +303,8 @@ def test_a_non_finite_loss_stops_training_at_its_step_and_no_state_is_saved_afte
                 model.lm_head.weight.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLoss) as e:
-        train(
-            model, tr, va, cfg, torch.device("cpu"), 0, on_progress=poison,
+        train_on_cpu(
+            model, tr, va, cfg, 0, on_progress=poison,
             save_state=lambda state: saved_steps.append(state.step), save_every_seconds=0.0,
         )
     message = str(e.value)
@@ -326,10 +317,9 @@ def test_an_absurd_learning_rate_stops_training_and_keeps_only_finite_states(mon
     from charlm import training
     from charlm.models import build_model, config_for
     from charlm.params import GPTParams
-    from tests.conftest import token_splits
 
     vocab, tr, va = token_splits(300)
-    cfg = GPTParams(
+    cfg = GPTParams.of(
         batch_size=4, block_size=16, max_iters=20, eval_interval=100, eval_iters=1, n_layer=1, n_head=2, n_embd=16,
         precision="float32",
     )
@@ -339,8 +329,8 @@ def test_an_absurd_learning_rate_stops_training_and_keeps_only_finite_states(mon
     states = []
     diverged = r"^the weights are not finite \(NaN or infinite\) after step 7 on cpu"
     with pytest.raises(training.NonFiniteLoss, match=diverged):
-        training.train(
-            build_model("gpt", config_for("gpt", cfg, vocab)), tr, va, cfg, torch.device("cpu"), 0,
+        train_on_cpu(
+            build_model("gpt", config_for("gpt", cfg, vocab)), tr, va, cfg, 0,
             save_state=lambda state: states.append((state.step, [w.clone() for w in state.model.values()])),
             save_every_seconds=0.0,
         )

@@ -1,18 +1,35 @@
-"""Fast ops for the GPT on a CPU, where torch's generic kernels are slow for this model's shapes.
+"""The GPT's attention kernels and its fast CPU ops, and the one call the model makes: `attend`.
 
-`charlm.precision.explicit_attention` (the capability rule, docs/models.md "Attention kernels") decides when full
-attention uses `explicit_causal_attention` instead of SDPA, and `window_attention_kernel` which of
-SDPA, the explicit ops or `ChunkedWindowAttention` a sliding window uses; `dropout` is used on every
-device and is plain `F.dropout` off the CPU. Tests compare each with torch's own op or a plain reference.
+Which kernel runs is decided once per stage (`charlm.hardware.AttentionKernels`); `attend` takes that
+decision and the model never asks the device. Each op equals plain PyTorch code, and a test proves it:
+
+- `attend` equals softmax(q k^T / sqrt(hs)) v under the causal or the window's band mask, for every
+  kernel: tests/test_kernels.py::test_attend_equals_a_band_mask;
+- `explicit_causal_attention` equals `F.scaled_dot_product_attention(is_causal=True)`:
+  tests/test_kernels.py::test_explicit_attention_equals_sdpa_in_float32;
+- `ChunkedWindowAttention` equals the band-masked softmax, forward and backward:
+  tests/test_kernels.py::test_the_chunked_window_kernel_passes_gradcheck_in_float64;
+- `NormRotateHeads` equals a split into heads, `F.rms_norm` with a gain, then `apply_rope`:
+  tests/test_kernels.py::test_the_fused_heads_op_gives_the_composed_ops_values_and_gradients;
+- `SquaredReLU` equals `F.relu(x).square()` bit for bit:
+  tests/test_kernels.py::test_squared_relu_gives_the_composed_ops_numbers_forward_and_backward;
+- `dropout` equals `F.dropout` with p rounded to a multiple of 1/256:
+  tests/test_kernels.py::test_cpu_dropout_drops_about_p_and_keeps_the_expectation.
+
+The CPU ops exist because torch's generic kernels are slow at this model's shapes (small matmuls,
+many elementwise passes); docs/performance.md "What makes it fast" has what each buys.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from charlm.hardware import AttentionKernels, Kernel
 
 
 def random_bytes(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -90,7 +107,7 @@ def _swap_halves(x: torch.Tensor) -> torch.Tensor:
 class NormRotateHeads(torch.autograd.Function):
     """The fused projection's output (B, T, 3C) -> q, k, v (B, nh, T, hs), with q and k each
     RMS-normalised per head, times its gain (hs,), then rotated by RoPE's tables cos, sin (T, hs)
-    (`charlm.models.gpt.apply_rope`'s convention); a hand-written backward.
+    (`charlm.models.gpt.model.apply_rope`'s convention); a hand-written backward.
 
     Why: on a CPU, autograd over the composed ops (split, transpose, `F.rms_norm`, which is not
     fused there, and RoPE's halves) makes ~20 passes over q and k backward and a copy for the
@@ -178,17 +195,6 @@ def explicit_causal_attention(
     return (att.masked_fill(drop, 0.0) @ v) * scale
 
 
-def window_mask(n_chunks: int, window: int, n_head: int, device: torch.device) -> torch.Tensor:
-    """(1, nh * n_chunks, W, 2W) bool, True = attend: query a of a chunk sees key b of [previous chunk,
-    own chunk] iff a < b <= a + W, i.e. itself and the W - 1 characters before it; the first chunk
-    has no previous one."""
-    a = torch.arange(window, device=device)[:, None]
-    b = torch.arange(2 * window, device=device)[None, :]
-    mask = ((b > a) & (b <= a + window)).expand(n_chunks, window, 2 * window).clone()
-    mask[0, :, :window] = False
-    return mask.repeat(n_head, 1, 1)[None]
-
-
 def chunk_pairs(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, nh, T, hs) -> (B, nh * T/W, 2W, hs): each chunk of W positions after the chunk before it
     (zeros before the first), the keys or values a chunk of queries can see."""
@@ -253,6 +259,75 @@ def _unpair(pairs: torch.Tensor, window: int) -> torch.Tensor:
     return own
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    dropout_p: float,
+    kernels: AttentionKernels,
+    training: bool,
+    cached: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) v for q, k, v (B, nh, T, hs): each position sees itself and the ones
+    before it, or with `window` W > 0 only the W - 1 before it; dropout on the weights.
+
+    `cached`: k and v are what a KV cache holds, the last T of them the new positions' own.
+    `kernels` (decided once per stage) and `training` pick the kernel.
+    """
+    T, W = q.size(2), window
+    if cached:
+        return _attend_cached(q, k, v, W, kernels.window_evaluation)
+    windowed = 0 < W < T
+    kernel = kernels.pick(windowed, training)
+    if windowed:
+        return _windowed(q, k, v, W, dropout_p, kernel)
+    if kernel == "explicit":
+        return explicit_causal_attention(q, k, v, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, kernel: Kernel) -> torch.Tensor:
+    T_new, T_all = q.size(2), k.size(2)
+    if T_new == 1:
+        return F.scaled_dot_product_attention(q, k, v)  # one query sees everything held: its window
+    if 0 < window < T_new:  # a prompt longer than the window, on a new cache: only its own keys
+        return _windowed(q, k, v, window, 0.0, kernel)
+    # Within a window-sized cache every held key is inside every new query's window. New query i sits
+    # at absolute position T_all - T_new + i and may see keys up to there.
+    visible = torch.ones(T_new, T_all, dtype=torch.bool, device=q.device).tril(T_all - T_new)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+def _windowed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout_p: float, kernel: Kernel
+) -> torch.Tensor:
+    """`sliding_window_attention` for any length: one that is not a multiple of the window is padded
+    at the end (the padded keys lie after every real query, so the causal mask hides them)."""
+    T = q.size(2)
+    pad = -T % window
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    mask = window_mask(q.size(2) // window, window, q.size(1), q.device)
+    y = sliding_window_attention(q, k, v, window, mask, dropout_p, kernel)
+    return y[:, :, :T] if pad else y
+
+
+@functools.lru_cache(maxsize=16)
+def window_mask(n_chunks: int, window: int, n_head: int, device: torch.device) -> torch.Tensor:
+    """(1, nh * n_chunks, W, 2W) bool, True = attend: query a of a chunk sees key b of [previous chunk,
+    own chunk] iff a < b <= a + W, i.e. itself and the W - 1 characters before it; the first chunk
+    has no previous one. Cached, and made outside inference mode even when an evaluation asks first:
+    training saves the mask for its backward, which an inference tensor cannot be."""
+    with torch.inference_mode(False):
+        a = torch.arange(window, device=device)[:, None]
+        b = torch.arange(2 * window, device=device)[None, :]
+        mask = ((b > a) & (b <= a + window)).expand(n_chunks, window, 2 * window).clone()
+        mask[0, :, :window] = False
+        return mask.repeat(n_head, 1, 1)[None]
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,7 +335,7 @@ def sliding_window_attention(
     window: int,
     mask: torch.Tensor,
     dropout_p: float = 0.0,
-    kernel: str = "sdpa",
+    kernel: Kernel = "sdpa",
 ) -> torch.Tensor:
     """Causal attention in which each position sees itself and the `window` - 1 positions before it.
 
@@ -269,7 +344,7 @@ def sliding_window_attention(
     the one before (2W keys, the mask keeping W), so the work grows with T * W instead of T^2.
     Why not SDPA with a (T, T) band mask: that computes all T^2 scores; and the chunks as 4-D
     (B, nh * chunks, ...) tensors keep SDPA on its fused CPU kernel (a 5-D batch falls back to
-    separate ops, measured ~2x slower). `kernel` (`charlm.precision.window_attention_kernel` picks it):
+    separate ops). `kernel` (`charlm.hardware.attention_kernels` picks it):
     "sdpa", "explicit" (`explicit_causal_attention`: dropout as random bytes) or "chunked"
     (`ChunkedWindowAttention`, no dropout: the CPU's fastest).
     """

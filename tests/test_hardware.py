@@ -3,19 +3,20 @@
 import pytest
 import torch
 
-import charlm.precision
+import charlm.hardware
 from charlm.errors import UsageError
-from charlm.precision import (
+from charlm.hardware import (
     CPU_BF16_ENV,
+    attention_kernels,
     autocast_dtype,
     cpu_amx_from_facts,
     cpu_bf16_from_facts,
     cpu_native_bf16,
     describe_cpu,
-    explicit_attention,
+    fused_adamw,
     native_bf16,
     orthogonalization_dtype,
-    window_attention_kernel,
+    resolve_runtime,
 )
 
 EPYC_GENOA = "processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -79,7 +80,7 @@ def test_amx_from_what_the_os_reports(system, machine, cpuinfo, amx):
 )
 def test_describe_cpu_names_amx_only_where_bf16_runs_on_it(monkeypatch, cpuinfo, forced, says_amx):
     # An AMX machine told to behave like an AVX2 one (CHARLM_CPU_BF16=0) must not be described as AMX.
-    monkeypatch.setattr(charlm.precision, "_cpu_facts", lambda: ("Linux", "x86_64", cpuinfo, ""))
+    monkeypatch.setattr(charlm.hardware, "_cpu_facts", lambda: ("Linux", "x86_64", cpuinfo, ""))
     monkeypatch.setenv(CPU_BF16_ENV, forced)
     assert ("(AMX)" in describe_cpu()) is says_amx
 
@@ -109,37 +110,49 @@ def test_explicit_precisions_and_other_devices():
         autocast_dtype("cpu", "fp16")
 
 
-def test_explicit_attention_under_cpu_bf16_autocast_or_with_attention_dropout():
-    x = torch.zeros(2, 3)
-    assert not explicit_attention(x)  # float32 inference and the default recipe: SDPA's fused kernel
-    assert explicit_attention(x, dropout_p=0.2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert explicit_attention(x)
-
-
-def test_the_window_attention_kernel_rule():
-    x = torch.zeros(2, 3)
-    assert window_attention_kernel(x) == "chunked"  # the default recipe on any CPU, float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert window_attention_kernel(x) == "chunked"  # and bf16
-        assert window_attention_kernel(x, dropout_p=0.1) == "explicit"
-    assert window_attention_kernel(x, dropout_p=0.1) == "explicit"  # dropout as random bytes
-    assert window_attention_kernel(torch.zeros(2, 3, device="meta")) == "sdpa"  # off the CPU
-
-
 @pytest.mark.parametrize("forced", ["0", "1"])
 def test_training_under_either_class_runs_and_says_its_precision(monkeypatch, forced):
     from charlm.models import build_model, config_for
     from charlm.params import GPTParams
-    from charlm.training import train
-    from tests.conftest import token_splits
+    from tests.helpers import token_splits, train_on_cpu
 
     monkeypatch.setenv(CPU_BF16_ENV, forced)
     vocab, train_data, val_data = token_splits(200)
-    cfg = GPTParams(
+    cfg = GPTParams.of(
         batch_size=4, block_size=16, max_iters=3, eval_interval=3, eval_iters=1, n_layer=1, n_head=2, n_embd=16,
         precision="auto", optimizer="muon",
     )
     torch.manual_seed(0)
-    result = train(build_model("gpt", config_for("gpt", cfg, vocab)), train_data, val_data, cfg, torch.device("cpu"), 0)
+    result = train_on_cpu(build_model("gpt", config_for("gpt", cfg, vocab)), train_data, val_data, cfg, 0)
     assert result.precision == ("bfloat16" if forced == "1" else "float32")
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_a_stage_resolves_every_hardware_choice_once_from_the_one_rule(monkeypatch, forced):
+    monkeypatch.setenv(CPU_BF16_ENV, forced)
+    native = forced == "1"
+    runtime = resolve_runtime(torch.device("cpu"), "auto", dropout=0.0, sample_precision="auto")
+    assert runtime.autocast is (torch.bfloat16 if native else None)
+    assert runtime.precision == ("bfloat16" if native else "float32")
+    assert runtime.orthogonalization is (torch.bfloat16 if native else torch.float32)
+    assert runtime.attention == attention_kernels(torch.device("cpu"), runtime.autocast, 0.0)
+    assert runtime.fused_adamw and runtime.sample_weights == "int8"
+    assert runtime.cpu == describe_cpu()
+    line = runtime.describe()
+    assert line.startswith(f"cpu ({describe_cpu()}): trains in {runtime.precision}") and "\n" not in line
+    # float32 evaluation (the evaluate stage) on the same machine: no autocast, SDPA for full attention
+    assert resolve_runtime(torch.device("cpu")).attention.full_evaluation == "sdpa"
+
+
+def test_native_bf16_asks_the_gpu_it_names(monkeypatch):
+    """cuda:1 may be an older GPU than cuda:0: the rule asks the one named, not the current one."""
+    capability = {0: (8, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[torch.device(d).index or 0])
+    assert native_bf16(torch.device("cuda:0")) and native_bf16("cuda")
+    assert not native_bf16(torch.device("cuda:1"))
+    assert autocast_dtype("cuda:1", "auto") is None and orthogonalization_dtype("cuda:1") is torch.float32
+
+
+def test_fused_adamw_where_torch_has_it():
+    assert all(fused_adamw(torch.device(d)) for d in ("cpu", "cuda", "mps"))
+    assert not fused_adamw(torch.device("meta"))

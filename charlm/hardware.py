@@ -1,9 +1,13 @@
-"""One rule for the fast dtype: what a device does natively, asked by every place that picks a dtype.
+"""The hardware, decided once: what a device computes natively, and the one record of a stage's choices.
+
+Each stage calls `resolve_runtime` once and hands the `Runtime` it returns to the library: the
+device, training's autocast dtype, the attention kernels for training and for evaluation, Muon's
+Newton-Schulz dtype, fused AdamW, the sampling weights, and the CPU description as the reason.
+Nothing below the stage asks the hardware again.
 
 bfloat16 is a speed-up only where the hardware computes in it. A CPU without native bf16 (AVX2-only
 x86, Apple M1, most ARM before ARMv8.6) emulates it, and a bf16 matmul there runs far slower than
-float32 (docs/performance.md "What makes it fast"). So no module casts to bf16 on its own: training's autocast, the
-attention kernel it implies, Muon's orthogonalisation and the int8 sampling kernel all ask here.
+float32 (docs/performance.md "What makes it fast"). So every dtype choice follows `native_bf16`.
 
 The CPU's answer comes from its feature flags (Linux x86: avx512_bf16 / amx_bf16; Linux ARM: bf16;
 macOS: hw.optional.arm.FEAT_BF16) and can be forced with CHARLM_CPU_BF16=0 or 1, so one machine
@@ -18,6 +22,8 @@ import os
 import platform
 import re
 import subprocess
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -101,8 +107,9 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type == "cpu":
         return cpu_native_bf16()
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and newer
-    # mps: bf16 exists from macOS 14 but has not been measured here; float32 is the safe answer.
+        # The GPU asked for, not the current one: `cuda:1` may be another generation than `cuda:0`.
+        return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and newer
+    # mps: bf16 exists from macOS 14 but is not verified (docs/devices.md); float32 is the safe answer.
     return False
 
 
@@ -147,10 +154,10 @@ def int8_activation_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
-def sample_precision(device: torch.device | str, requested: str) -> str:
-    """The weights' precision for generation: `auto` is int8 on the CPU (where torch's int8 weight-only
-    kernel runs and is faster than float32 on either CPU class, docs/performance.md "Results") and
-    float32 on accelerators; an explicit `int8` elsewhere than the CPU is refused."""
+def sampling_weights(device: torch.device | str, requested: str) -> str:
+    """The weights' precision for generation (`sample.precision`): `auto` is int8 on the CPU (where
+    torch's int8 weight-only kernel runs, faster than float32 on either CPU class: docs/performance.md
+    "Results") and float32 on accelerators; an explicit `int8` elsewhere than the CPU is refused."""
     device = torch.device(device)
     if requested == "auto":
         return "int8" if device.type == "cpu" else "float32"
@@ -161,40 +168,105 @@ def sample_precision(device: torch.device | str, requested: str) -> str:
     return requested
 
 
-def explicit_attention(x: torch.Tensor, dropout_p: float = 0.0) -> bool:
-    """Whether attention on `x` should use the explicit softmax(QK^T)V ops instead of SDPA, on a CPU.
-
-    Two cases, each measured (docs/performance.md "What makes it fast"): under CPU bf16 autocast (which `autocast_dtype`
-    grants only where bf16 is native) torch's SDPA CPU kernel is slower than the explicit ops; and
-    with attention dropout SDPA's CPU path draws a float Bernoulli mask over the (B, nh, T, T)
-    weights, where the explicit path draws one random byte per weight. Otherwise (float32, no
-    dropout: inference, the default recipe) SDPA's fused kernel is the faster one.
-    """
-    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return attention_is_explicit(x.device.type, bf16, dropout_p)
-
-
-def attention_is_explicit(device_type: str, bf16_autocast: bool, dropout_p: float) -> bool:
-    """`explicit_attention`'s rule from the run's settings, for the memory estimate, which needs it
-    before any tensor exists (the explicit path keeps the (T, T) weights, SDPA's kernels do not)."""
-    return device_type == "cpu" and (bf16_autocast or dropout_p > 0)
-
-
-def window_attention_kernel(x: torch.Tensor, dropout_p: float = 0.0) -> str:
-    """Which kernel `charlm.models.gpt.ops.sliding_window_attention` runs on `x`'s device.
-
-    On a CPU without attention dropout, charlm's "chunked" kernel in either dtype (measured faster
-    than SDPA in float32 and than the explicit ops in bf16: docs/performance.md "What makes it fast"); with dropout the
-    explicit ops (random-byte dropout, as `explicit_attention` says for any CPU dropout). Off the CPU,
-    SDPA (fused kernels; the chunked one is not measured there).
-    """
-    if x.device.type != "cpu":
-        return "sdpa"
-    return "chunked" if dropout_p == 0 else "explicit"
-
-
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` (from `autocast_dtype`) on the device, or nothing for plain float32."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+Kernel = Literal["sdpa", "explicit", "chunked"]
+
+
+@dataclass(frozen=True)
+class AttentionKernels:
+    """Which kernel computes the GPT's attention in each case (`charlm.models.gpt.kernels` has them).
+
+    `training` cases may have dropout; `evaluation` ones (estimates, metrics, generation) never do.
+    `fused_heads`: QK-norm and RoPE as one CPU op. The default is the portable choice, SDPA everywhere.
+    """
+
+    full_training: Kernel = "sdpa"
+    full_evaluation: Kernel = "sdpa"
+    window_training: Kernel = "sdpa"
+    window_evaluation: Kernel = "sdpa"
+    fused_heads: bool = False
+
+    def pick(self, windowed: bool, training: bool) -> Kernel:
+        if windowed:
+            return self.window_training if training else self.window_evaluation
+        return self.full_training if training else self.full_evaluation
+
+
+def attention_kernels(device: torch.device, autocast: torch.dtype | None, dropout: float) -> AttentionKernels:
+    """The attention kernels for a device, an autocast dtype and the model's dropout.
+
+    On a CPU (each case measured, docs/performance.md "What makes it fast"): a sliding window takes
+    charlm's chunked kernel unless there is attention dropout, which takes the explicit ops (dropout
+    from random bytes); full attention takes the explicit ops under bf16 autocast (torch's bf16 SDPA
+    CPU kernel is slower) or with dropout, else SDPA's fused kernel. Off the CPU, SDPA everywhere.
+    """
+    if device.type != "cpu":
+        return AttentionKernels()
+    bf16 = autocast == torch.bfloat16
+    return AttentionKernels(
+        full_training="explicit" if bf16 or dropout > 0 else "sdpa",
+        full_evaluation="explicit" if bf16 else "sdpa",
+        window_training="explicit" if dropout > 0 else "chunked",
+        window_evaluation="chunked",
+        fused_heads=True,
+    )
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for the device (one launch per step, not one per tensor)."""
+    return device.type in ("cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A stage's hardware choices, decided once (`resolve_runtime`) and passed down."""
+
+    device: torch.device
+    autocast: torch.dtype | None  # training's forward passes; None = plain float32
+    attention: AttentionKernels
+    orthogonalization: torch.dtype  # Muon's Newton-Schulz iterations
+    fused_adamw: bool
+    sample_weights: str  # "int8" or "float32": the GPT's linear layers while generating
+    int8_activations: torch.dtype  # the int8 kernel's input dtype
+    cpu: str  # `describe_cpu()`: the reason behind the dtype choices
+
+    @property
+    def precision(self) -> str:
+        """Training's compute dtype by name, as the metrics record it."""
+        return "float32" if self.autocast is None else str(self.autocast).removeprefix("torch.")
+
+    def describe(self) -> str:
+        kernels = self.attention
+        return (
+            f"{self.device} ({self.cpu}): trains in {self.precision}, attention "
+            f"{kernels.window_training}/{kernels.window_evaluation} (window), "
+            f"{kernels.full_training}/{kernels.full_evaluation} (full), Muon in "
+            f"{str(self.orthogonalization).removeprefix('torch.')}, samples with {self.sample_weights} weights"
+        )
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.device, self.autocast)
+
+
+def resolve_runtime(
+    device: torch.device, precision: str = "float32", dropout: float = 0.0, sample_precision: str = "auto"
+) -> Runtime:
+    """Every hardware choice of a stage from its device and params (`precision`, the model's `dropout`,
+    `sample.precision`), decided here once."""
+    autocast = autocast_dtype(device, precision)
+    return Runtime(
+        device=device,
+        autocast=autocast,
+        attention=attention_kernels(device, autocast, dropout),
+        orthogonalization=orthogonalization_dtype(device),
+        fused_adamw=fused_adamw(device),
+        sample_weights=sampling_weights(device, sample_precision),
+        int8_activations=int8_activation_dtype(device),
+        cpu=describe_cpu(),
+    )
