@@ -1,8 +1,8 @@
 """Loss curves as CSV, the format DVC plots reads.
 
 Columns: `step`, then the estimated losses of the weights being trained (`train_loss`, `val_loss`,
-what the progress lines show), then those of the model the checkpoint saves (`saved_train_loss`,
-`saved_val_loss`). With a weight average (`ema_decay` > 0) the saved model is the average, which
+what the progress lines show), then those of the model the checkpoint saves (`average_train_loss`,
+`average_val_loss`). With a weight average (`ema_decay` > 0) the saved model is the average, which
 starts from the initial weights and lags the trained ones early on; without one the two pairs are
 the same numbers. Every value is an estimate on random batches (`eval_iters` per split); the exact
 whole-split losses are the evaluate stage's metrics.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from charlm import io
 
-COLUMNS = ("step", "train_loss", "val_loss", "saved_train_loss", "saved_val_loss")
+COLUMNS = ("step", "train_loss", "val_loss", "average_train_loss", "average_val_loss")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class CurvePoint:
     step: int
     train_loss: float  # the weights being trained
     val_loss: float
-    saved_train_loss: float  # the model the checkpoint holds: the weight average if one is kept
-    saved_val_loss: float
+    average_train_loss: float  # the model the checkpoint holds: the weight average if one is kept
+    average_val_loss: float
 
     @classmethod
     def without_average(cls, step: int, train_loss: float, val_loss: float) -> CurvePoint:
@@ -58,8 +58,8 @@ def progress_metrics(point: CurvePoint, max_iters: int) -> dict[str, float | int
         "train_loss_estimate": round(point.train_loss, 5),
         "val_loss_estimate": round(point.val_loss, 5),
     }
-    if (point.saved_train_loss, point.saved_val_loss) != (point.train_loss, point.val_loss):
-        out["average_val_loss_estimate"] = round(point.saved_val_loss, 5)
+    if (point.average_train_loss, point.average_val_loss) != (point.train_loss, point.val_loss):
+        out["average_val_loss_estimate"] = round(point.average_val_loss, 5)
     return out
 
 

@@ -28,7 +28,6 @@ from typing import Literal
 import torch
 
 from charlm.errors import UsageError
-from charlm.params import PRECISIONS
 
 CPU_BF16_ENV = "CHARLM_CPU_BF16"
 
@@ -128,13 +127,13 @@ def autocast_dtype(device: torch.device | str, precision: str) -> torch.dtype | 
 
     `auto` takes bfloat16 exactly where it is native; `bfloat16` forces it (slow where emulated).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision = {precision!r}: must be one of {PRECISIONS}")
     if precision == "float32":
         return None
     if precision == "bfloat16":
         return torch.bfloat16
-    return torch.bfloat16 if native_bf16(device) else None
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    raise ValueError(f"precision = {precision!r}: must be one of ('float32', 'bfloat16', 'auto')")
 
 
 def orthogonalization_dtype(device: torch.device | str) -> torch.dtype:

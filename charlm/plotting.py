@@ -32,10 +32,10 @@ def render_loss_curves(
         steps = [p.step for p in points]
         ax.plot(steps, [p.train_loss for p in points], label="train (trained weights)", color="tab:blue")
         ax.plot(steps, [p.val_loss for p in points], label="val (trained weights)", color="tab:orange")
-        if any((p.saved_train_loss, p.saved_val_loss) != (p.train_loss, p.val_loss) for p in points):
+        if any((p.average_train_loss, p.average_val_loss) != (p.train_loss, p.val_loss) for p in points):
             style = {"linestyle": "--", "linewidth": 1.2}
-            ax.plot(steps, [p.saved_train_loss for p in points], label="train (weight average, saved)", **style)
-            ax.plot(steps, [p.saved_val_loss for p in points], label="val (weight average, saved)", **style)
+            ax.plot(steps, [p.average_train_loss for p in points], label="train (weight average, saved)", **style)
+            ax.plot(steps, [p.average_val_loss for p in points], label="val (weight average, saved)", **style)
         titles.append(panel_title(name, metrics[name]))
         ax.set_title(titles[-1], fontsize=10)
         ax.set_xlabel("step")

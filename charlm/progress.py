@@ -70,8 +70,8 @@ class Progress:
 
     def on_eval(self, point: CurvePoint) -> None:
         line = f"{self.label} step {point.step}: train loss {point.train_loss:.4f}, val loss {point.val_loss:.4f}"
-        if (point.saved_train_loss, point.saved_val_loss) != (point.train_loss, point.val_loss):
-            line += f" | weight average: train {point.saved_train_loss:.4f}, val {point.saved_val_loss:.4f}"
+        if (point.average_train_loss, point.average_val_loss) != (point.train_loss, point.val_loss):
+            line += f" | weight average: train {point.average_train_loss:.4f}, val {point.average_val_loss:.4f}"
         line += " (estimates)"
         if self.tty:
             self.stream.write("\r\x1b[K")

@@ -243,7 +243,7 @@ def save_state(path: str | Path, state: TrainingState, key: str) -> None:
         "optimizer": state.optimizer,
         "average": state.average,
         "randomness": state.randomness,
-        "curve": [[p.step, p.train_loss, p.val_loss, p.saved_train_loss, p.saved_val_loss] for p in state.curve],
+        "curve": [[p.step, p.train_loss, p.val_loss, p.average_train_loss, p.average_val_loss] for p in state.curve],
         "train_seconds": state.train_seconds,
         "windows": state.windows,
     }

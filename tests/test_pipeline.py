@@ -186,7 +186,7 @@ def test_every_stage_wrote_its_outputs(project):
         assert metrics["device"] == "cpu"
         assert 0 < metrics["val_loss"] < 10
         curve = (project / f"metrics/curves/{model}.csv").read_text().splitlines()
-        assert curve[0] == "step,train_loss,val_loss,saved_train_loss,saved_val_loss" and len(curve) >= 3
+        assert curve[0] == "step,train_loss,val_loss,average_train_loss,average_val_loss" and len(curve) >= 3
         sample = (project / f"samples/{model}.txt").read_text()
         assert len(sample) == 1 + TINY["sample"]["max_new_tokens"]  # the newline it starts from plus the new text
         assert (project / f"models/{model}.pt").is_file()

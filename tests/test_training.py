@@ -205,7 +205,7 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
     eval_gen = torch.Generator().manual_seed(0 + 1)  # train()'s eval batches: seed + 1
     cfg = TrainConfig(block_size=16, eval_iters=2, batch_size=8)  # train_gpt's estimate: 2 batches of 8 blocks
     losses = estimate_loss(averaged, {"train": tr, "val": va}, cfg, eval_gen, cpu_runtime())
-    assert result.curve[-1].saved_val_loss == pytest.approx(losses["val"], abs=1e-6)
+    assert result.curve[-1].average_val_loss == pytest.approx(losses["val"], abs=1e-6)
     last = build_model("gpt", dict(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     last.load_state_dict(steps[-1])
     eval_gen = torch.Generator().manual_seed(0 + 1)
@@ -216,7 +216,7 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
     eval_gen = torch.Generator().manual_seed(0 + 1)
     at_start = estimate_loss(initial, {"train": tr, "val": va}, cfg, eval_gen, cpu_runtime())
     first = result.curve[0]
-    assert first.step == 0 and (first.saved_train_loss, first.saved_val_loss) == (first.train_loss, first.val_loss)
+    assert first.step == 0 and (first.average_train_loss, first.average_val_loss) == (first.train_loss, first.val_loss)
     assert first.val_loss == pytest.approx(at_start["val"], abs=1e-6)
     assert first.train_loss == pytest.approx(at_start["train"], abs=1e-6)
 
@@ -224,9 +224,9 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights(splits):
 def test_curve_shows_the_trained_weights_ahead_of_the_lagging_average_early_on(splits):
     _, result = train_gpt(splits, max_iters=40, eval_interval=10, ema_decay=0.95, dropout=0.0)
     early = result.curve[1]  # step 10: the average still holds 0.95**10 = 60% of the initial weights
-    assert early.val_loss < early.saved_val_loss and early.train_loss < early.saved_train_loss
+    assert early.val_loss < early.average_val_loss and early.train_loss < early.average_train_loss
     _, plain = train_gpt(splits, max_iters=40, eval_interval=10, ema_decay=0.0, dropout=0.0)
-    assert all((p.saved_train_loss, p.saved_val_loss) == (p.train_loss, p.val_loss) for p in plain.curve)
+    assert all((p.average_train_loss, p.average_val_loss) == (p.train_loss, p.val_loss) for p in plain.curve)
     # The same seed trains the same weights whether or not an average is kept beside them.
     assert [p.val_loss for p in plain.curve] == [p.val_loss for p in result.curve]
 
