@@ -79,8 +79,8 @@ def sample(
             sys.stdout.flush()
 
         runtime = resolve_runtime(resolve_device(device), sample_precision=precision)
-        texts, _ = sample_text(ckpt, settings, runtime, seed, drop_unknown, on_start=start, on_text=write)
-        write("\n" if num_samples == 1 else format_samples(texts))
+        samples = sample_text(ckpt, settings, runtime, seed, drop_unknown, on_start=start, on_text=write)
+        write("\n" if num_samples == 1 else format_samples(samples.texts))
 
 
 @app.command(epilog="Example:\n\n  charlm info models/gpt.pt\n\n  charlm info models/gpt.pt --json")
@@ -94,7 +94,7 @@ def info(
     """Print a model card: type, config, parameter count, vocabulary and training metrics."""
     with reported_errors("charlm info"):
         from charlm.checkpoint import load_checkpoint
-        from charlm.hardware import describe_cpu, sampling_weights
+        from charlm.hardware import describe_cpu
         from charlm.pipeline import evaluate_metrics_path
 
         ckpt = load_checkpoint(checkpoint)
@@ -107,7 +107,7 @@ def info(
             "training": ckpt.train_stats,
             "this_machine": {
                 "cpu": describe_cpu(),
-                "sample_precision": f"auto = {sampling_weights('cpu', 'auto')} on the cpu",
+                "sample_precision": f"auto = {auto_weights(ckpt)} on the cpu, timed for this checkpoint",
             },
         }
         metrics_file = metrics or evaluate_metrics_path(Path("dvc.yaml"), ckpt.model_name)  # dvc.yaml owns it
@@ -162,6 +162,20 @@ def positions(
         for start in range(0, block_size, width):
             part = losses[start : start + width]
             print(f"  {start:>5}-{start + len(part) - 1:<5} {part.mean().item():.4f}")
+
+
+def auto_weights(ckpt) -> str:
+    """What `sample.precision: auto` picks on this machine's CPU for one stream of this checkpoint."""
+    import torch
+
+    from charlm.hardware import resolve_runtime
+    from charlm.sampling import faster_weights
+
+    runtime = resolve_runtime(torch.device("cpu"), sample_precision="auto")
+    model = ckpt.build(runtime)
+    if getattr(model, "cache_slides", None) is None:
+        return "float32"
+    return faster_weights(model, runtime, batch=1)
 
 
 def main() -> None:

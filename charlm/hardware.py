@@ -154,12 +154,13 @@ def int8_activation_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def sampling_weights(device: torch.device | str, requested: str) -> str:
-    """The weights' precision for generation (`sample.precision`): `auto` is int8 on the CPU (where
-    torch's int8 weight-only kernel runs, faster than float32 on either CPU class: docs/performance.md
-    "Results") and float32 on accelerators; an explicit `int8` elsewhere than the CPU is refused."""
+    """The weights' precision for generation (`sample.precision`): `auto` on the CPU stays `auto`,
+    decided for the checkpoint at hand by timing both (`charlm.sampling.faster_weights`: int8 wins
+    at the lecture's size, float32 at the default's); float32 on accelerators. An explicit `int8`
+    elsewhere than the CPU is refused."""
     device = torch.device(device)
     if requested == "auto":
-        return "int8" if device.type == "cpu" else "float32"
+        return "auto" if device.type == "cpu" else "float32"
     if requested == "int8" and device.type != "cpu":
         raise UsageError(
             f"sample.precision = 'int8': runs on the CPU only, and the device is {device}; use float32 or auto"
@@ -231,7 +232,7 @@ class Runtime:
     attention: AttentionKernels
     orthogonalization: torch.dtype  # Muon's Newton-Schulz iterations
     fused_adamw: bool
-    sample_weights: str  # "int8" or "float32": the GPT's linear layers while generating
+    sample_weights: str  # "int8", "float32", or "auto" (the faster, timed per checkpoint): the GPT's linear layers while generating
     int8_activations: torch.dtype  # the int8 kernel's input dtype
     cpu: str  # `describe_cpu()`: the reason behind the dtype choices
 
@@ -247,6 +248,7 @@ class Runtime:
             f"{kernels.window_training}/{kernels.window_evaluation} (window), "
             f"{kernels.full_training}/{kernels.full_evaluation} (full), Muon in "
             f"{str(self.orthogonalization).removeprefix('torch.')}, samples with {self.sample_weights} weights"
+            + (" (the faster of float32 and int8, timed)" if self.sample_weights == "auto" else "")
         )
 
     def autocast_context(self) -> contextlib.AbstractContextManager:

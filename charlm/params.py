@@ -215,7 +215,7 @@ class SampleParams:
     temperature: float = 1.0
     top_k: int = 0  # 0 means no top-k filtering
     num_samples: int = 1  # texts generated as one batch, each with its own seeded randomness
-    precision: SamplePrecision = "auto"  # int8 weights on the CPU, float32 elsewhere (charlm.hardware.sampling_weights)
+    precision: SamplePrecision = "auto"  # the faster of float32/int8 on the CPU, float32 elsewhere (charlm.hardware.sampling_weights)
 
     def __post_init__(self) -> None:
         _check(

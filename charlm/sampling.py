@@ -21,7 +21,9 @@ the lecture's loop (which re-runs the whole cropped context for every token). Pa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,9 +71,11 @@ class KVCache:
         """`config`: the GPT's (`n_layer`, `n_head`, `n_embd`, `block_size`, `attention_window`)."""
         window = config.attention_window
         self.capacity = window if 0 < window < config.block_size else config.block_size
-        shape = (config.n_layer, batch_size, config.n_head, self.capacity, config.n_embd // config.n_head)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        shape = (config.n_layer, batch_size, 2, config.n_head, self.capacity, config.n_embd // config.n_head)
+        # Keys and values side by side, so a decode step stores a token's pair with one copy.
+        self.keys_values = torch.empty(shape, device=device, dtype=dtype)
+        self.keys = self.keys_values[:, :, 0]  # (n_layer, B, nh, capacity, hs)
+        self.values = self.keys_values[:, :, 1]
         self.length = 0
         self.position = 0
         self.last_embedding: torch.Tensor | None = None  # (B, 1, C): the token shift's previous character
@@ -103,23 +107,67 @@ class KVCache:
         self.length = min(self.capacity, self.length + n)
 
 
+class TokenSampler:
+    """The next token of every stream from last-position logits (B, V): temperature (0 = greedy
+    argmax), top-k, then `torch.multinomial`'s own draw, vectorised over the streams.
+
+    For one sample torch's CPU multinomial takes argmax(p / q) with q ~ Exp(1) drawn from the
+    generator, one number per vocabulary entry. This draws the same numbers ahead, a block of steps
+    per generator call, so each token is the one `torch.multinomial(p, 1, generator=g)` would give,
+    at one division and one argmax per step for all the streams instead of a call per stream
+    (tests/test_sampling.py::test_the_sampler_draws_torch_multinomials_tokens).
+
+    `generator`: one for the whole batch (its rows draw one after another, as multinomial on a
+    (B, V) tensor draws them) or one per stream, so a stream's text does not depend on the streams
+    beside it.
+    """
+
+    BLOCK = 16384  # random numbers per generator call
+
+    def __init__(
+        self, temperature: float, top_k: int, generator: torch.Generator | Sequence[torch.Generator], batch: int
+    ) -> None:
+        self.temperature = temperature
+        self.top_k = top_k
+        self.generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        self.rows_per_generator = batch if isinstance(generator, torch.Generator) else 1
+        if len(self.generators) * self.rows_per_generator != batch:
+            raise ValueError(f"{len(self.generators)} generators for {batch} streams: give one, or one per stream")
+        self._noise = torch.empty(0)
+        self._next = 0
+
+    def _draw(self, vocab_size: int) -> torch.Tensor:
+        if self._next == self._noise.size(0):
+            per_step = self.rows_per_generator * vocab_size
+            steps = max(1, self.BLOCK // per_step)
+            blocks = [
+                torch.empty(steps, self.rows_per_generator, vocab_size).exponential_(generator=g)
+                for g in self.generators
+            ]
+            self._noise = torch.cat(blocks, dim=1)  # (steps, B, V)
+            self._next = 0
+        self._next += 1
+        return self._noise[self._next - 1]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next ids (B, 1), on the CPU."""
+        logits = logits.float().cpu()
+        if self.temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if 0 < self.top_k < logits.size(-1):
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # (B, V)
+        return (probs / self._draw(probs.size(-1))).argmax(dim=-1, keepdim=True)
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | Sequence[torch.Generator]
 ) -> torch.Tensor:
-    """Next token ids (B, 1) from last-position logits (B, V). With one generator per row, each row
-    draws from its own: a stream's text does not depend on the streams beside it."""
-    logits = logits.float().cpu()
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
-    if isinstance(generator, torch.Generator):
-        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-    rows = [torch.multinomial(p[None], num_samples=1, generator=g) for p, g in zip(probs, generator, strict=True)]
-    return torch.cat(rows)  # (B, 1)
+    """Next token ids (B, 1) from last-position logits (B, V) with a fresh `TokenSampler`."""
+    return TokenSampler(temperature, top_k, generator, logits.size(0))(logits)
 
 
 @torch.inference_mode()
@@ -132,38 +180,55 @@ def generate(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Extend `idx` (B, T) by `max_new_tokens`, all B streams as one batch; `on_token(next_ids)` sees
-    each step (for streaming). `generator`: one for the batch, or one per stream."""
+    each step (for streaming). `generator`: one for the batch, or one per stream.
+
+    A GPT generates through its KV cache with `DecodeStep` (`fast`), or, with `fast=False`, through
+    the model's own forward for each new token: the same tokens, the second the reference the first
+    is tested against. `use_cache=False` is the lecture's loop.
+    """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    sampler = TokenSampler(temperature, top_k, generator, idx.size(0))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     idx = idx.to(device)
     if use_cache and getattr(model, "cache_slides", None) is not None:
-        out = _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
+        out = _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast)
     else:
-        out = _generate_recompute(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
+        out = _generate_recompute(model, idx, max_new_tokens, sampler, on_token)
     model.train(was_training)
     return out
 
 
-def _generate_recompute(model, idx, max_new_tokens, temperature, top_k, generator, on_token):
+def _generate_recompute(model, idx, max_new_tokens, sampler, on_token):
     """The lecture's loop: crop to the context the model can see, run it all, keep the last logits."""
     context = model.context_size
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -context:])  # (B, T, V)
-        next_id = sample_next(logits[:, -1, :], temperature, top_k, generator).to(idx.device)
+        next_id = sampler(logits[:, -1, :]).to(idx.device)
         idx = torch.cat([idx, next_id], dim=1)
         if on_token is not None:
             on_token(next_id)
     return idx
 
 
-def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, on_token):
+def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast):
+    from charlm.models.gpt.decode import DecodeStep
+
     block_size = model.context_size
     keep = max(1, block_size // 2)
     dtype = model.token_embedding_table.weight.dtype
+    B, T = idx.shape
+    out = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=idx.device)
+    out[:, :T] = idx
+    if fast:
+        step = DecodeStep(model)
+    else:
+        def step(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+            return model(ids[:, None], kv_cache=cache)[0][:, -1, :]
 
     def prefill(context: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         cache = KVCache(model.config, context.size(0), context.device, dtype)
@@ -172,18 +237,17 @@ def _generate_cached(model, idx, max_new_tokens, temperature, top_k, generator, 
 
     logits, cache = prefill(idx[:, -block_size:])
     for i in range(max_new_tokens):
-        next_id = sample_next(logits, temperature, top_k, generator).to(idx.device)
-        idx = torch.cat([idx, next_id], dim=1)
+        next_id = sampler(logits).to(idx.device)  # (B, 1)
+        out.select(1, T + i).copy_(next_id.view(B))
         if on_token is not None:
             on_token(next_id)
         if i == max_new_tokens - 1:
             break
         if cache.position >= block_size and not model.cache_slides:
-            logits, cache = prefill(idx[:, -keep:])  # re-prefill: see the module docstring
+            logits, cache = prefill(out[:, max(0, T + i + 1 - keep) : T + i + 1])  # re-prefill: see the module docstring
         else:
-            logits, _ = model(next_id, kv_cache=cache)
-            logits = logits[:, -1, :]
-    return idx
+            logits = step(next_id[:, 0], cache)
+    return out
 
 
 def stream_seeds(seed: int, n: int) -> list[int]:
@@ -198,6 +262,43 @@ def format_samples(texts: list[str]) -> str:
     return "".join(f"===== sample {i + 1} of {len(texts)} =====\n{text}\n\n" for i, text in enumerate(texts))
 
 
+WEIGHTS_MARGIN = 1.2  # int8 is taken only when this much faster: float32 is the exact path
+
+
+def faster_weights(model: nn.Module, runtime: Runtime, batch: int, rounds: int = 3, steps: int = 8) -> str:
+    """"int8" or "float32": which weights generate faster for this model at this batch, timed.
+
+    Each candidate runs `steps` decode steps `rounds` times, alternating, and the best round of each
+    counts. Which wins depends on the model and the CPU: at batch 1 the int8 kernel reads a quarter of
+    the bytes, which pays where the weights outgrow the caches (the lecture's 10.7M), while at the
+    default's 0.8M its fixed cost per call loses to float32 (docs/performance.md "Generation"). int8
+    must win by WEIGHTS_MARGIN: float32 gives the exact model, so a near tie goes to it.
+    """
+    from charlm.models.gpt.decode import DecodeStep
+
+    candidates = {"float32": model, "int8": quantize_int8(model, runtime.int8_activations)}
+    best = dict.fromkeys(candidates, float("inf"))
+    ids = torch.zeros(batch, dtype=torch.long, device=runtime.device)
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, net in candidates.items():
+                cache = KVCache(net.config, batch, runtime.device, torch.float32)
+                step = DecodeStep(net)
+                step(ids, cache)  # warm-up: first-call allocations
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step(ids, cache)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return "int8" if best["int8"] * WEIGHTS_MARGIN < best["float32"] else "float32"
+
+
+@dataclass(frozen=True)
+class Samples:
+    texts: list[str]  # each the prompt, then the new characters
+    dropped: list[str]  # prompt characters not in the vocabulary, removed
+    weights: str  # the precision the linear layers generated with: "float32" or "int8"
+
+
 def sample_text(
     ckpt: Checkpoint,
     settings: SampleParams,
@@ -206,7 +307,7 @@ def sample_text(
     drop_unknown: bool = False,
     on_start: Callable[[str, list[str]], None] | None = None,
     on_text: Callable[[str], None] | None = None,
-) -> tuple[list[str], list[str]]:
+) -> Samples:
     """A checkpoint plus sample settings to `settings.num_samples` texts (each the prompt, then the new
     characters), generated as one batch with a seeded generator per text, and the prompt characters
     dropped. The sample stage and `charlm sample` both call this; `on_start` sees the prompt as it
@@ -219,11 +320,17 @@ def sample_text(
     ids, dropped = prompt_ids(tokenizer, settings.prompt, drop_unknown=drop_unknown)
     torch.manual_seed(seed)
     model = ckpt.build(runtime)
-    if runtime.sample_weights == "int8":
+    n = settings.num_samples
+    weights = runtime.sample_weights
+    quantizable = any(isinstance(m, nn.Linear) for m in model.modules())
+    if not quantizable or getattr(model, "cache_slides", None) is None:
+        weights = "float32"  # nothing to quantize, or no decode step to time (the bigram)
+    elif weights == "auto":
+        weights = faster_weights(model, runtime, n)
+    if weights == "int8":
         model = quantize_int8(model, runtime.int8_activations)
     if on_start is not None:
         on_start(tokenizer.decode(ids), dropped)
-    n = settings.num_samples
     show = None if on_text is None or n > 1 else (lambda next_id: on_text(tokenizer.chars[int(next_id[0, 0])]))
     out = generate(
         model,
@@ -234,4 +341,4 @@ def sample_text(
         [torch.Generator().manual_seed(s) for s in stream_seeds(seed, n)],
         on_token=show,
     )
-    return [tokenizer.decode(row.tolist()) for row in out], dropped
+    return Samples([tokenizer.decode(row.tolist()) for row in out], dropped, weights)

@@ -19,10 +19,10 @@ def main(
 ) -> None:
     with reported_errors(f"sample@{model}"):
         p, runtime, ckpt = load_for_stage(model, checkpoint, vocab, params, sampling=True)
-        texts, _ = sample_text(ckpt, p.sample, runtime, p.seed)
-        io.write_text(out, format_samples(texts))
-        count = f"{len(texts)} x " if len(texts) > 1 else ""
-        print(f"sample@{model}: {count}{p.sample.max_new_tokens} tokens ({runtime.sample_weights} weights) to {out}")
+        samples = sample_text(ckpt, p.sample, runtime, p.seed)
+        io.write_text(out, format_samples(samples.texts))
+        count = f"{len(samples.texts)} x " if len(samples.texts) > 1 else ""
+        print(f"sample@{model}: {count}{p.sample.max_new_tokens} tokens ({samples.weights} weights) to {out}")
 
 
 if __name__ == "__main__":

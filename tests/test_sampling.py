@@ -105,7 +105,7 @@ def test_many_samples_are_one_batch_and_sample_i_does_not_depend_on_how_many():
     ckpt = Checkpoint("gpt", dataclasses.asdict(model.config), model.state_dict(), tok)
     runtime = cpu_runtime(sample_precision="float32")
     texts = {
-        n: sample_text(ckpt, SampleParams(prompt="ab", max_new_tokens=30, num_samples=n), runtime, seed=7)[0]
+        n: sample_text(ckpt, SampleParams(prompt="ab", max_new_tokens=30, num_samples=n), runtime, seed=7).texts
         for n in (1, 3, 5)
     }
     assert [len(t) for t in texts[5]] == [32] * 5
@@ -114,3 +114,115 @@ def test_many_samples_are_one_batch_and_sample_i_does_not_depend_on_how_many():
     assert format_samples(texts[1]) == texts[1][0]  # one sample: the text as it always was
     joined = format_samples(texts[3])
     assert joined.startswith("===== sample 1 of 3 =====\nab") and joined.count("===== sample") == 3
+
+
+ARCHS = [
+    {},  # the lecture's: learned positions, GELU, full attention
+    {"position": "rope", "qk_norm": True, "mlp": "relu2", "logit_softcap": 10.0, "attention_window": 4},
+    {"position": "rope", "token_shift": True},
+    {"position": "rope", "qk_norm": False, "attention_window": 4, "zero_init": True},
+    {"qk_norm": True, "bias": False, "logit_softcap": 5.0},
+]
+
+
+def randomised(model):
+    """Weights far from the init (zero-initialised projections included), so every op matters."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_the_decode_step_gives_the_models_logits(arch, weights):
+    from charlm.models.gpt.decode import DecodeStep
+    from charlm.quantize import quantize_int8
+    from charlm.sampling import KVCache
+    from tests.helpers import cpu_runtime
+
+    torch.manual_seed(0)
+    model = randomised(tiny_gpt(block_size=16, **arch))
+    if weights == "int8":
+        model = quantize_int8(model, cpu_runtime().int8_activations)
+    caches = [KVCache(model.config, 3, torch.device("cpu"), torch.float32) for _ in range(2)]
+    prompt = torch.randint(0, V, (3, 5))
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompt, kv_cache=cache)
+        step = DecodeStep(model)
+        steps = 11 if arch.get("position", "learned") == "learned" else 30  # RoPE slides past block_size
+        for _ in range(steps):
+            ids = torch.randint(0, V, (3,))
+            fast = step(ids, caches[0])
+            reference = model(ids[:, None], kv_cache=caches[1])[0][:, -1]
+            if weights == "float32":
+                torch.testing.assert_close(fast, reference, rtol=1e-5, atol=2e-5)
+            else:  # the int8 kernel rounds its inputs to bf16: one ulp (2^-8) there moves the logits
+                torch.testing.assert_close(fast, reference, rtol=0.02, atol=0.02 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_generation_gives_the_eager_tokens(arch):
+    # Three streams, each with its own generator, well past block_size (learned positions re-prefill).
+    model = randomised(tiny_gpt(block_size=16, **arch))
+    start = torch.tensor([[1, 2], [3, 4], [5, 6]])
+
+    def run(fast, top_k=0, temperature=1.0):
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+        return generate(model, start, 80, temperature, top_k, generators, fast=fast)
+
+    assert torch.equal(run(True), run(False))
+    assert torch.equal(run(True, top_k=5, temperature=0.7), run(False, top_k=5, temperature=0.7))
+
+
+@pytest.mark.parametrize("per_stream", [False, True])
+def test_the_sampler_draws_torch_multinomials_tokens(per_stream):
+    # The sampler's vectorised draw against torch.multinomial on the same generators, step by step,
+    # over more steps than one block of pre-drawn numbers.
+    from charlm.sampling import TokenSampler
+
+    B, steps = 4, 700
+    logits = torch.randn(steps, B, V, generator=torch.Generator().manual_seed(0)) * 3
+
+    def generators():
+        return [torch.Generator().manual_seed(10 + i) for i in range(B)] if per_stream else torch.Generator().manual_seed(10)
+
+    sampler, reference = TokenSampler(1.0, 0, generators(), B), generators()
+    for step_logits in logits:
+        probs = torch.softmax(step_logits, dim=-1)
+        if per_stream:
+            expected = torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, reference)])
+        else:
+            expected = torch.multinomial(probs, 1, generator=reference)
+        assert torch.equal(sampler(step_logits), expected)
+
+
+def test_auto_weights_are_the_faster_measured(monkeypatch):
+    import time
+
+    from charlm.models.gpt import decode
+    from charlm.quantize import Int8Linear
+    from charlm.sampling import faster_weights
+    from tests.helpers import cpu_runtime
+
+    model = randomised(tiny_gpt(block_size=16, position="rope", attention_window=4))
+    runtime = cpu_runtime()
+    original_forward, original_as_linear = Int8Linear.forward, decode.as_linear
+
+    def slow_int8(self, x):
+        time.sleep(0.002)
+        return original_forward(self, x)
+
+    def slow_float32(module, scale=1.0):
+        call = original_as_linear(module, scale)
+        if not isinstance(module, torch.nn.Linear):
+            return call
+        return lambda x: (time.sleep(0.002), call(x))[1]
+
+    with monkeypatch.context() as m:
+        m.setattr(Int8Linear, "forward", slow_int8)
+        assert faster_weights(model, runtime, batch=1) == "float32"
+    with monkeypatch.context() as m:
+        m.setattr(decode, "as_linear", slow_float32)
+        assert faster_weights(model, runtime, batch=1) == "int8"

@@ -1,0 +1,199 @@
+"""The GPT's forward for one new character per stream, in as few ops as its math allows.
+
+Generating with a KV cache runs the model on one token per stream per step: a few hundred tiny
+ops whose cost is the framework's per-op overhead, not arithmetic (the default model needs ~1.7
+MFLOP per character). `DecodeStep` computes the same function as `GPT.forward(idx, kv_cache=cache)`
+for a single new token, with the constant parts folded in once, when it is built:
+
+- the linear layers' weights transposed once, so each is one `addmm` (or the int8 kernel);
+- the QK-norm gains and the attention's 1/sqrt(head_size) folded into the RoPE tables, which are
+  made for many positions at once: rope(g * n) = n * (g cos) + swap(n) * (swap(g) sin), so queries and
+  keys together take one `rms_norm`, one `roll` and two multiply-adds;
+- the logit soft-cap's 1/cap folded into the head's weights;
+- no module calls, no shape checks, no dropout.
+
+Every float32 operation is the model's up to the order of its roundings, so the logits agree with
+the model's forward to ~1e-6 and the sampled tokens are the same (tests/test_sampling.py
+::test_the_decode_step_gives_the_models_logits and ::test_fast_generation_gives_the_eager_tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from charlm.models.gpt.model import GPT, rope_angles
+
+if TYPE_CHECKING:
+    from charlm.sampling import KVCache
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+ROPE_CHUNK = 1024  # positions per table extension
+
+
+def as_linear(module: nn.Module, scale: float = 1.0) -> Linear:
+    """A 2-D linear layer times `scale` as one call: `nn.Linear` with its weight scaled and transposed
+    once; anything else (the int8 layers of `charlm.quantize`) as it is, then scaled."""
+    if not isinstance(module, nn.Linear):
+        return module if scale == 1.0 else (lambda x: module(x) * scale)
+    weight_t = (module.weight.detach() * scale).t().contiguous()  # (in, out)
+    if module.bias is None:
+        return lambda x: torch.mm(x, weight_t)
+    bias = module.bias.detach() * scale
+    return lambda x: torch.addmm(bias, x, weight_t)
+
+
+class _Layer:
+    """One block's weights, arranged for a decode step."""
+
+    def __init__(self, block: nn.Module, rope: bool) -> None:
+        attn, mlp = block.attn, block.mlp
+        self.ln1 = (block.ln1.normalized_shape, block.ln1.weight, block.ln1.bias, block.ln1.eps)
+        self.ln2 = (block.ln2.normalized_shape, block.ln2.weight, block.ln2.bias, block.ln2.eps)
+        self.qkv = as_linear(with_swapped_qk(attn.qkv, attn.n_head) if rope else attn.qkv)
+        self.proj, self.proj_bias = _residual_linear(attn.proj)
+        self.fc = as_linear(mlp.fc)
+        self.mlp_proj, self.mlp_proj_bias = _residual_linear(mlp.proj)
+        self.relu2 = mlp.relu2
+
+
+def with_swapped_qk(qkv: nn.Module, n_head: int) -> nn.Module:
+    """The qkv projection with two more output blocks: q and k with each head's halves swapped, which
+    RoPE needs beside q and k (x cos + swap(x) sin). Swapping is a permutation of output rows, so
+    the extra rows are the same weights (the same int8 rows and scales for an int8 layer), and one
+    matmul yields [q, k, v, swap(q), swap(k)] where a separate `roll` would be one more op per layer."""
+    from charlm.quantize import Int8Linear
+
+    n_embd = qkv.weight.size(1) if isinstance(qkv, nn.Linear) else qkv.weight_int8.size(1)
+    hs = n_embd // n_head
+    within = (torch.arange(hs) + hs // 2) % hs
+    swap = (torch.arange(n_head)[:, None] * hs + within).flatten()  # (C,)
+    rows = torch.cat([torch.arange(3 * n_embd), swap, n_embd + swap])
+    if isinstance(qkv, nn.Linear):
+        extended = nn.Linear(n_embd, 5 * n_embd, bias=qkv.bias is not None, device=qkv.weight.device)
+        extended.weight.data = qkv.weight.detach()[rows]
+        if qkv.bias is not None:
+            extended.bias.data = qkv.bias.detach()[rows]
+        return extended
+    bias = None if qkv.bias is None else qkv.bias[rows]
+    return Int8Linear(qkv.weight_int8[rows], qkv.scales.float()[rows], bias, qkv.compute_dtype)
+
+
+def _residual_linear(module: nn.Module) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor | None]:
+    """`x + module(h)` as `f(x, h)` (one `addmm` for `nn.Linear`) and the bias it leaves to add."""
+    if not isinstance(module, nn.Linear):
+        return (lambda x, h: x + module(h)), None
+    weight_t = module.weight.detach().t().contiguous()
+    bias = None if module.bias is None else module.bias.detach()
+    return (lambda x, h: torch.addmm(x, h, weight_t)), bias
+
+
+class DecodeStep:
+    """`step(ids, cache)`: the logits (B, V) of the next character after `ids` (B,), one new token per
+    stream following the tokens the cache holds; the cache takes the new keys and values.
+
+    Built from a GPT in evaluation (its float32 weights, or int8 linear layers) and used while those
+    weights do not change. Positions past `block_size` need `cache_slides` (RoPE), as with the model.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        config = model.config
+        self.n_head = config.n_head
+        self.head_size = hs = config.n_embd // config.n_head
+        self.rope = config.position == "rope"
+        self.layers = [_Layer(block, self.rope) for block in model.blocks]
+        self.token_embedding = model.token_embedding_table.weight.detach()
+        table = model.position_embedding_table
+        self.position_embedding = None if table is None else table.weight.detach()
+        self.token_shift = None if model.token_shift is None else model.token_shift.detach()
+        self.ln_f = (model.ln_f.normalized_shape, model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+        self.softcap = config.logit_softcap
+        self.head = as_linear(model.lm_head, 1.0 / self.softcap if self.softcap > 0 else 1.0)
+        self.qk_norm = config.qk_norm
+        self.device = self.token_embedding.device
+        attn = model.blocks[0].attn
+        eps = attn.q_norm.eps if config.qk_norm else None
+        eps = torch.finfo(self.token_embedding.dtype).eps if eps is None else eps
+        # rms_norm(x) = x * rsqrt(mean(x^2) + eps) = sqrt(hs) * x * rsqrt(x.x + hs eps): one dot
+        # product, an add and an rsqrt, not torch's slower fused kernel; the sqrt(hs) goes into the gains.
+        self.norm_eps = hs * eps
+        # Per layer, the QK-norm gains of [q, k] (2, 1, hs): with RoPE folded into its tables
+        # (`_grow_tables`), without it a multiplication.
+        self.gains = torch.stack([self._qk_gains(block.attn) for block in model.blocks])  # (n_layer, 2, 1, hs)
+        self._cos = self._sin = torch.empty(0)  # (P, n_layer, 2, 1, hs)
+
+    def _qk_gains(self, attn: nn.Module) -> torch.Tensor:
+        ones = torch.ones(self.head_size, device=self.device)
+        if attn.q_norm is None:
+            return torch.stack([ones, ones])[:, None, :]
+        root = math.sqrt(self.head_size)
+        return torch.stack([attn.q_norm.weight.detach() * root, attn.k_norm.weight.detach() * root])[:, None, :]
+
+    def _grow_tables(self, position: int) -> None:
+        """Extend the rotation tables, gains folded in, to cover `position` (ROPE_CHUNK positions at a time)."""
+        start = self._cos.size(0)
+        end = (position // ROPE_CHUNK + 1) * ROPE_CHUNK
+        cos, sin = rope_angles(self.head_size, start, end - start, self.device)  # (P, hs)
+        cos, sin = cos[:, None, None, None, :], sin[:, None, None, None, :]  # (P, 1, 1, 1, hs)
+        swapped = torch.roll(self.gains, self.head_size // 2, dims=-1)  # rope(g n) = n (g cos) + swap(n) (swap(g) sin)
+        self._cos = torch.cat([self._cos.view(-1, *self.gains.shape), cos * self.gains])
+        self._sin = torch.cat([self._sin.view(-1, *self.gains.shape), sin * swapped])
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, nh, hs = ids.size(0), self.n_head, self.head_size
+        C = nh * hs
+        position = cache.position
+        x = F.embedding(ids, self.token_embedding)  # (B, C)
+        if self.token_shift is not None:
+            embedded = x
+            if cache.last_embedding is not None:
+                x = torch.addcmul(x, self.token_shift, cache.last_embedding.view(B, C))
+            cache.last_embedding = embedded.view(B, 1, C)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding[position]
+        if self.rope:
+            if position >= self._cos.size(0):
+                self._grow_tables(position)
+            cos, sin = self._cos[position].unbind(0), self._sin[position].unbind(0)  # n_layer x (2, 1, hs)
+        gains = self.gains.unbind(0)
+        full = cache.length == cache.capacity
+        slot = position % cache.capacity if full else cache.length
+        held = cache.capacity if full else cache.length + 1
+        for layer, keys_values, i in zip(self.layers, cache.keys_values.unbind(0), range(len(self.layers))):
+            qkv = layer.qkv(F.layer_norm(x, *layer.ln1)).view(B, -1, nh, hs)  # [q, k, v] (+ [swap(q), swap(k)])
+            qk = qkv[:, :2]
+            inverse_norm = None
+            if self.qk_norm:
+                inverse_norm = torch.linalg.vecdot(qk, qk).add_(self.norm_eps).rsqrt_().unsqueeze(-1)  # (B, 2, nh, 1)
+            # Queries and keys normalised, gained and rotated in place in `qkv`, so keys and values sit
+            # side by side and enter the cache (B, 2, nh, capacity, hs) with one copy.
+            if self.rope:
+                if inverse_norm is None:
+                    torch.addcmul(qk * cos[i], qkv[:, 3:], sin[i], out=qk)
+                else:
+                    torch.mul(torch.addcmul(qk * cos[i], qkv[:, 3:], sin[i]), inverse_norm, out=qk)
+            elif inverse_norm is not None:
+                torch.mul(qk * inverse_norm, gains[i], out=qk)
+            keys_values.select(3, slot).copy_(qkv[:, 1:3])
+            k, v = (keys_values if full else keys_values.narrow(3, 0, held)).unbind(1)  # (B, nh, held, hs)
+            # One query per stream and head attends to every key held: no mask.
+            y = F.scaled_dot_product_attention(qkv.select(1, 0).unsqueeze(2), k, v)  # (B, nh, 1, hs)
+            x = layer.proj(x, y.view(B, C))
+            if layer.proj_bias is not None:
+                x = x.add_(layer.proj_bias)
+            h = layer.fc(F.layer_norm(x, *layer.ln2))
+            h = h.relu_().square_() if layer.relu2 else F.gelu(h)
+            x = layer.mlp_proj(x, h)
+            if layer.mlp_proj_bias is not None:
+                x = x.add_(layer.mlp_proj_bias)
+        cache.advance(1)
+        logits = self.head(F.layer_norm(x, *self.ln_f))  # (B, V)
+        if self.softcap > 0:
+            logits = torch.tanh(logits).mul_(self.softcap)
+        return logits
