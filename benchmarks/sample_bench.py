@@ -3,7 +3,8 @@
 - The lecture-size model (6x384, block 256): the lecture's loop, which re-runs the whole cropped
   context for every new token, against the KV cache with float32 and with int8 weights.
 - The default model (`params.yaml`): one stream through the model's own forward with a KV cache and
-  `torch.multinomial` (generation before the decode step, kept here as its baseline), through the decode step (`charlm.models.gpt.decode`) with float32 and int8
+  `torch.multinomial` (generation before the decode step, kept here as its baseline), through the
+  decode step (`charlm.models.gpt.decode`) with float32 and int8
   weights, and 64 streams as one batch; each against its FLOP limit at the machine's measured peak.
 """
 
@@ -116,7 +117,11 @@ def worker_sample(tokens: int) -> dict:
         return tokens / (time.perf_counter() - t0)
 
     single = best_of_alternating(
-        {"forward": forward_rate, "float32": lambda: rate(model, 1, tokens), "int8": lambda: rate(int8_model, 1, tokens)}
+        {
+            "forward": forward_rate,
+            "float32": lambda: rate(model, 1, tokens),
+            "int8": lambda: rate(int8_model, 1, tokens),
+        }
     )
     default_results = {
         "forward_tokens_per_second": single["forward"],

@@ -112,6 +112,43 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def cpu_name_from_facts(system: str, cpuinfo: str, brand: str) -> str:
+    """The CPU's marketing name: /proc/cpuinfo's first `model name` (Linux x86), macOS's brand string,
+    else the architecture."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return " ".join(value.split())
+    return brand.strip() or platform.machine() or system or "unknown CPU"
+
+
+def device_name(device: torch.device | str) -> str:
+    """What the metrics record as the hardware that trained: the GPU's name on cuda, the chip on mps,
+    the CPU's name and class on the cpu (e.g. `AMD EPYC 7B13 (AVX2, native bf16: no)`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    system = platform.system()
+    cpuinfo = brand = ""
+    if system == "Linux":
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            pass
+    elif system == "Darwin":
+        try:
+            brand = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            pass
+    name = cpu_name_from_facts(system, cpuinfo, brand)
+    if device.type == "mps":
+        return f"{name} GPU (mps)"
+    return f"{name} ({describe_cpu()})" if device.type == "cpu" else f"{name} ({device.type})"
+
+
 def describe_cpu() -> str:
     """The CPU class, as the docs' tables name it: AVX512-BF16 (with AMX or not), ARM/Apple bf16, AVX2, other."""
     native = cpu_native_bf16()
@@ -125,15 +162,32 @@ def describe_cpu() -> str:
 def autocast_dtype(device: torch.device | str, precision: str) -> torch.dtype | None:
     """Training's autocast dtype, or None for plain float32.
 
-    `auto` takes bfloat16 exactly where it is native; `bfloat16` forces it (slow where emulated).
+    `auto` takes bfloat16 exactly where it is native, and float16 on a CUDA GPU without it (Volta,
+    Turing: fast float16 tensor cores, with a loss scaler against underflow); `bfloat16` and `float16`
+    force theirs (slow where emulated). `float32` is true float32: TF32 stays off, as torch leaves it,
+    since every GPU with TF32 (Ampere and newer) takes bfloat16 under `auto`.
     """
     if precision == "float32":
         return None
     if precision == "bfloat16":
         return torch.bfloat16
+    if precision == "float16":
+        return torch.float16
     if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
-    raise ValueError(f"precision = {precision!r}: must be one of ('float32', 'bfloat16', 'auto')")
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    raise ValueError(f"precision = {precision!r}: must be one of ('float32', 'bfloat16', 'float16', 'auto')")
+
+
+def compiles(device: torch.device | str, requested: bool | str) -> bool:
+    """Whether training runs the model through `torch.compile` (`compile`): `auto` on CUDA only, where
+    the default's many small kernels gain most and a compiler comes with the toolkit; off on mps
+    (torch's mps backend for it is young) and on the CPU (charlm's own CPU kernels, and a C++ compiler
+    every user would need: docs/performance.md); `true` asks for it anywhere."""
+    if requested == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(requested)
 
 
 def orthogonalization_dtype(device: torch.device | str) -> torch.dtype:
@@ -232,7 +286,8 @@ class Runtime:
     attention: AttentionKernels
     orthogonalization: torch.dtype  # Muon's Newton-Schulz iterations
     fused_adamw: bool
-    sample_weights: str  # "int8", "float32", or "auto" (the faster, timed per checkpoint): the GPT's linear layers while generating
+    compile: bool  # training's forward through torch.compile (`compiles`), eager if compiling fails
+    sample_weights: str  # the GPT's linear layers while generating: "int8", "float32", or "auto" (timed per checkpoint)
     int8_activations: torch.dtype  # the int8 kernel's input dtype
     cpu: str  # `describe_cpu()`: the reason behind the dtype choices
 
@@ -256,10 +311,14 @@ class Runtime:
 
 
 def resolve_runtime(
-    device: torch.device, precision: str = "float32", dropout: float = 0.0, sample_precision: str = "auto"
+    device: torch.device,
+    precision: str = "float32",
+    dropout: float = 0.0,
+    sample_precision: str = "auto",
+    compile: bool | str = False,
 ) -> Runtime:
     """Every hardware choice of a stage from its device and params (`precision`, the model's `dropout`,
-    `sample.precision`), decided here once."""
+    `sample.precision`, `compile`), decided here once."""
     autocast = autocast_dtype(device, precision)
     return Runtime(
         device=device,
@@ -267,6 +326,7 @@ def resolve_runtime(
         attention=attention_kernels(device, autocast, dropout),
         orthogonalization=orthogonalization_dtype(device),
         fused_adamw=fused_adamw(device),
+        compile=compiles(device, compile),
         sample_weights=sampling_weights(device, sample_precision),
         int8_activations=int8_activation_dtype(device),
         cpu=describe_cpu(),

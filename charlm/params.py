@@ -24,7 +24,7 @@ from charlm.models.gpt.config import ConfigError, GPTArchitecture
 
 DEFAULT_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DEFAULT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-Precision = Literal["float32", "bfloat16", "auto"]
+Precision = Literal["float32", "bfloat16", "float16", "auto"]
 Optimizer = Literal["adamw", "muon"]
 BatchWindows = Literal["random", "epoch"]
 SamplePrecision = Literal["auto", "float32", "int8"]
@@ -87,7 +87,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 disables clipping
     eval_interval: int = 300
     eval_iters: int = 200
-    precision: Precision = "float32"  # bfloat16 autocast where the device supports it; "auto" picks it there
+    precision: Precision = "float32"  # "auto": bf16 where native, float16 on CUDA without it (hardware.autocast_dtype)
+    compile: bool | Literal["auto"] = False  # torch.compile for training; "auto" = on CUDA only (hardware.compiles)
     optimizer: Optimizer = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest (charlm.optim)
     ema_decay: float = 0.0  # > 0: keep and save an exponential moving average of the weights; 0 = off
     batch_windows: BatchWindows = "random"  # "epoch": every block once per epoch, shuffled (charlm.batches)
@@ -109,6 +110,12 @@ class TrainConfig:
         )
         _check(self.grad_clip >= 0.0, f"{section}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(self.precision in PRECISIONS, f"{section}.precision", self.precision, f"must be one of {PRECISIONS}")
+        _check(
+            self.compile is True or self.compile is False or self.compile == "auto",
+            f"{section}.compile",
+            self.compile,
+            "must be true, false or auto",
+        )
         _check(self.optimizer in OPTIMIZERS, f"{section}.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         _check(
             self.batch_windows in BATCH_WINDOWS,
@@ -215,7 +222,7 @@ class SampleParams:
     temperature: float = 1.0
     top_k: int = 0  # 0 means no top-k filtering
     num_samples: int = 1  # texts generated as one batch, each with its own seeded randomness
-    precision: SamplePrecision = "auto"  # the faster of float32/int8 on the CPU, float32 elsewhere (charlm.hardware.sampling_weights)
+    precision: SamplePrecision = "auto"  # CPU: the faster of float32/int8, timed; else float32 (sampling_weights)
 
     def __post_init__(self) -> None:
         _check(
@@ -298,6 +305,9 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         _check(isinstance(value, int | float) and not isinstance(value, bool), key, value, "must be a number")
         _check(math.isfinite(value), key, value, "must be a finite number")
         return float(value)
+    if kind == bool | Literal["auto"]:
+        _check(isinstance(value, bool) or value == "auto", key, value, "must be true, false or auto")
+        return value
     if kind is str or get_origin(kind) is Literal:
         # A Literal's allowed values are checked, with the section's message, by its dataclass.
         _check(isinstance(value, str), key, value, "must be a string (quote it in YAML)")

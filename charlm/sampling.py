@@ -185,9 +185,9 @@ def generate(
     """Extend `idx` (B, T) by `max_new_tokens`, all B streams as one batch; `on_token(next_ids)` sees
     each step (for streaming). `generator`: one for the batch, or one per stream.
 
-    A GPT generates through its KV cache with `DecodeStep` (`fast`), or, with `fast=False`, through
-    the model's own forward for each new token: the same tokens, the second the reference the first
-    is tested against. `use_cache=False` is the lecture's loop.
+    A GPT generates through its KV cache with its `decode_step()` (`fast`; `charlm.models.gpt.decode`),
+    or, with `fast=False`, through the model's own forward for each new token: the same tokens, the
+    second the reference the first is tested against. `use_cache=False` is the lecture's loop.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     sampler = TokenSampler(temperature, top_k, generator, idx.size(0))
@@ -216,8 +216,6 @@ def _generate_recompute(model, idx, max_new_tokens, sampler, on_token):
 
 
 def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast):
-    from charlm.models.gpt.decode import DecodeStep
-
     block_size = model.context_size
     keep = max(1, block_size // 2)
     dtype = model.token_embedding_table.weight.dtype
@@ -225,7 +223,7 @@ def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast):
     out = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=idx.device)
     out[:, :T] = idx
     if fast:
-        step = DecodeStep(model)
+        step = model.decode_step()
     else:
         def step(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
             return model(ids[:, None], kv_cache=cache)[0][:, -1, :]
@@ -244,7 +242,8 @@ def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast):
         if i == max_new_tokens - 1:
             break
         if cache.position >= block_size and not model.cache_slides:
-            logits, cache = prefill(out[:, max(0, T + i + 1 - keep) : T + i + 1])  # re-prefill: see the module docstring
+            # Re-prefill from the last `keep` tokens: see the module docstring.
+            logits, cache = prefill(out[:, max(0, T + i + 1 - keep) : T + i + 1])
         else:
             logits = step(next_id[:, 0], cache)
     return out
@@ -271,11 +270,9 @@ def faster_weights(model: nn.Module, runtime: Runtime, batch: int, rounds: int =
     Each candidate runs `steps` decode steps `rounds` times, alternating, and the best round of each
     counts. Which wins depends on the model and the CPU: at batch 1 the int8 kernel reads a quarter of
     the bytes, which pays where the weights outgrow the caches (the lecture's 10.7M), while at the
-    default's 0.8M its fixed cost per call loses to float32 (docs/performance.md "Generation"). int8
+    default's 0.8M its fixed cost per call loses to float32 (docs/models.md "Generation"). int8
     must win by WEIGHTS_MARGIN: float32 gives the exact model, so a near tie goes to it.
     """
-    from charlm.models.gpt.decode import DecodeStep
-
     candidates = {"float32": model, "int8": quantize_int8(model, runtime.int8_activations)}
     best = dict.fromkeys(candidates, float("inf"))
     ids = torch.zeros(batch, dtype=torch.long, device=runtime.device)
@@ -283,7 +280,7 @@ def faster_weights(model: nn.Module, runtime: Runtime, batch: int, rounds: int =
         for _ in range(rounds):
             for name, net in candidates.items():
                 cache = KVCache(net.config, batch, runtime.device, torch.float32)
-                step = DecodeStep(net)
+                step = net.decode_step()
                 step(ids, cache)  # warm-up: first-call allocations
                 start = time.perf_counter()
                 for _ in range(steps):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from charlm.device import synchronize
 from charlm.distributed import Distributed, rank_seed
 from charlm.errors import NonFiniteLoss
 from charlm.evaluation import estimate_loss
-from charlm.hardware import Runtime
+from charlm.hardware import Runtime, device_name
 from charlm.memory import BF16_AUTOCAST, FLOAT32, TrainingMemory, available_memory, check_fits, training_memory
 from charlm.models import build_model, place
 from charlm.optim import WeightAverage, hidden_matrices, make_optimizer
@@ -38,6 +39,7 @@ class TrainResult:
     train_seconds: float  # optimisation only, evaluations excluded
     tokens_per_second: float
     precision: str
+    device_name: str  # `charlm.hardware.device_name`: the GPU's or CPU's name
 
     def stats(self, cfg: TrainConfig, device: torch.device, dist: Distributed) -> dict[str, Any]:
         """What the checkpoint records of its training (the evaluate stage copies it into the metrics)."""
@@ -46,10 +48,30 @@ class TrainResult:
             "tokens_per_second": round(self.tokens_per_second, 1),
             "precision": self.precision,
             "device": str(device),
+            "device_name": self.device_name,
             "nproc": dist.world_size,
             "steps": cfg.max_iters,
             "batch_windows": cfg.batch_windows,
         }
+
+
+def compiled_or_eager(net: nn.Module) -> Callable[..., Any]:
+    """`net` through `torch.compile`, or, if compiling fails at the first call, `net` itself from then
+    on, after one line saying so: a missing compiler or an unsupported op costs speed, not the run."""
+    compiled = torch.compile(net)
+    state = {"call": compiled}
+
+    def forward(*args: Any) -> Any:
+        if state["call"] is compiled:
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure; a real error recurs eagerly below
+                first = (str(e).strip().splitlines() or [""])[0][:160]
+                print(f"warning: torch.compile failed ({type(e).__name__}: {first}); training eagerly", file=sys.stderr)
+                state["call"] = net
+        return net(*args)
+
+    return forward
 
 
 def micro_batches(cfg: TrainConfig, world_size: int, section: str = "") -> tuple[int, int]:
@@ -245,6 +267,10 @@ def train(
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg, runtime)
+    # float16 underflows small gradients: scale the loss up, the gradients back down before clipping,
+    # and skip a step whose gradients overflowed. Disabled (a pass-through) for any other precision.
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.autocast == torch.float16)
+    forward = compiled_or_eager(net) if runtime.compile else net
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and dist.is_main else None  # only rank 0 saves
     batch_gen = torch.Generator().manual_seed(rank_seed(seed, dist.rank))  # each process its own batches
     # The epoch sampler is the same in every process (rank 0's seed): each takes its slice of a draw.
@@ -300,13 +326,15 @@ def train(
             last_micro = micro_step == accum_steps - 1
             with net.no_sync() if net is not model and not last_micro else contextlib.nullcontext():
                 with runtime.autocast_context():
-                    _, loss = net(x, y)
-                (loss / accum_steps if accum_steps > 1 else loss).backward()
+                    _, loss = forward(x, y)
+                scaler.scale(loss / accum_steps if accum_steps > 1 else loss).backward()
                 divergence.add(loss)
         divergence.check(step + 1, every_step=True)
         if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if average is not None:
             average.update(model)
         last_step = step + 1 == cfg.max_iters
@@ -333,6 +361,7 @@ def train(
         train_seconds=train_seconds,
         tokens_per_second=cfg.max_iters * tokens_per_step / max(train_seconds, 1e-9),
         precision=runtime.precision,
+        device_name=device_name(runtime.device),
     )
 
 

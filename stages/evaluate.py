@@ -45,6 +45,7 @@ def main(
             "tokens_per_second": stats.get("tokens_per_second"),
             "precision": stats.get("precision"),
             "device": str(runtime.device),
+            "device_name": stats.get("device_name"),  # what trained: the GPU's or CPU's name
         }
         io.write_json(metrics, result)
         print(f"evaluate@{model}: val_loss {val_loss:.4f}, train_loss {train_loss:.4f}")

@@ -45,7 +45,7 @@ def main(
         config = config_for(model, section, tokenizer.vocab_size)
         dist = distributed.Distributed.from_env()
         device = distributed.worker_device(resolve_device(p.device), dist)
-        runtime = resolve_runtime(device, cfg.precision, getattr(section.model, "dropout", 0.0))
+        runtime = resolve_runtime(device, cfg.precision, getattr(section.model, "dropout", 0.0), compile=cfg.compile)
         if not distributed.under_torchrun():  # before any allocation or launch
             micro_batches(cfg, p.nproc, model)
             check_training_memory(model, cfg, config, runtime, p.nproc)

@@ -136,7 +136,7 @@ def test_a_stage_resolves_every_hardware_choice_once_from_the_one_rule(monkeypat
     assert runtime.precision == ("bfloat16" if native else "float32")
     assert runtime.orthogonalization is (torch.bfloat16 if native else torch.float32)
     assert runtime.attention == attention_kernels(torch.device("cpu"), runtime.autocast, 0.0)
-    assert runtime.fused_adamw and runtime.sample_weights == "auto"  # timed per checkpoint (charlm.sampling.faster_weights)
+    assert runtime.fused_adamw and runtime.sample_weights == "auto"  # timed per checkpoint (sampling.faster_weights)
     assert runtime.cpu == describe_cpu()
     line = runtime.describe()
     assert line.startswith(f"cpu ({describe_cpu()}): trains in {runtime.precision}") and "\n" not in line
@@ -150,9 +150,35 @@ def test_native_bf16_asks_the_gpu_it_names(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[torch.device(d).index or 0])
     assert native_bf16(torch.device("cuda:0")) and native_bf16("cuda")
     assert not native_bf16(torch.device("cuda:1"))
-    assert autocast_dtype("cuda:1", "auto") is None and orthogonalization_dtype("cuda:1") is torch.float32
+    # A Turing card: float16 autocast (with the loss scaler), float32 Newton-Schulz; mps stays float32.
+    assert autocast_dtype("cuda:1", "auto") is torch.float16 and orthogonalization_dtype("cuda:1") is torch.float32
+    assert autocast_dtype("cuda:0", "auto") is torch.bfloat16 and autocast_dtype("mps", "auto") is None
+    assert autocast_dtype("cuda:0", "float32") is None  # true float32: TF32 stays off
+    assert autocast_dtype("cpu", "float16") is torch.float16
+
+
+def test_compile_is_on_for_cuda_only_unless_asked():
+    from charlm.hardware import compiles
+
+    assert compiles("cuda", "auto") and compiles("cuda:1", "auto")
+    assert not compiles("mps", "auto") and not compiles("cpu", "auto")
+    assert compiles("cpu", True) and compiles("mps", True) and not compiles("cuda", False)
 
 
 def test_fused_adamw_where_torch_has_it():
     assert all(fused_adamw(torch.device(d)) for d in ("cpu", "cuda", "mps"))
     assert not fused_adamw(torch.device("meta"))
+
+
+def test_the_metrics_name_the_hardware_that_trained(monkeypatch):
+    from charlm import hardware
+
+    linux = "processor : 0\nmodel name : AMD EPYC  9B14 96-Core Processor\nflags : avx2\n"
+    assert hardware.cpu_name_from_facts("Linux", linux, "") == "AMD EPYC 9B14 96-Core Processor"
+    assert hardware.cpu_name_from_facts("Darwin", "", "Apple M2 Pro\n") == "Apple M2 Pro"
+    assert hardware.cpu_name_from_facts("Linux", "flags : neon\n", "") != ""  # ARM: no model name line
+    cpu = hardware.device_name("cpu")
+    assert cpu.endswith(f"({describe_cpu()})")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"NVIDIA A100 ({device})")
+    assert hardware.device_name("cuda:1") == "NVIDIA A100 (cuda:1)"  # the GPU named, not the current one
+    assert hardware.device_name("mps").endswith(" GPU (mps)")

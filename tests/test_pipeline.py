@@ -184,6 +184,7 @@ def test_every_stage_wrote_its_outputs(project):
         assert {"train_loss", "val_loss", "val_bpc", "params", "train_seconds", "tokens_per_second"} <= set(metrics)
         assert metrics["overfit_gap"] == pytest.approx(metrics["val_loss"] - metrics["train_loss"], abs=2e-5)
         assert metrics["device"] == "cpu"
+        assert metrics["device_name"].endswith(")") and "native bf16" in metrics["device_name"]  # the CPU that trained
         assert 0 < metrics["val_loss"] < 10
         curve = (project / f"metrics/curves/{model}.csv").read_text().splitlines()
         assert curve[0] == "step,train_loss,val_loss,average_train_loss,average_val_loss" and len(curve) >= 3

@@ -186,13 +186,16 @@ def test_the_sampler_draws_torch_multinomials_tokens(per_stream):
     logits = torch.randn(steps, B, V, generator=torch.Generator().manual_seed(0)) * 3
 
     def generators():
-        return [torch.Generator().manual_seed(10 + i) for i in range(B)] if per_stream else torch.Generator().manual_seed(10)
+        if per_stream:
+            return [torch.Generator().manual_seed(10 + i) for i in range(B)]
+        return torch.Generator().manual_seed(10)
 
     sampler, reference = TokenSampler(1.0, 0, generators(), B), generators()
     for step_logits in logits:
         probs = torch.softmax(step_logits, dim=-1)
         if per_stream:
-            expected = torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, reference)])
+            pairs = zip(probs, reference, strict=True)
+            expected = torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in pairs])
         else:
             expected = torch.multinomial(probs, 1, generator=reference)
         assert torch.equal(sampler(step_logits), expected)

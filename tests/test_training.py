@@ -336,3 +336,58 @@ def test_an_absurd_learning_rate_stops_training_and_keeps_only_finite_states(mon
         )
     assert [step for step, _ in states] == [1, 2, 3, 4, 5, 6]
     assert all(torch.isfinite(w).all() for w in states[-1][1])
+
+
+def _tiny_run(runtime, max_iters=10):
+    from charlm import training
+    from tests import helpers
+
+    vocab, train_data, val_data = token_splits()
+    cfg = GPTParams.of(**(helpers.TINY_GPT | {"max_iters": max_iters})).train
+    model = helpers.tiny_gpt(vocab)
+    result = training.train(model.train(), train_data, val_data, cfg, runtime=runtime, seed=0)
+    return model, result
+
+
+def test_compile_trains_like_eager_and_a_failing_compiler_falls_back_in_one_line(monkeypatch, capsys):
+    # torch.compile with the "eager" backend (no C++ compiler needed) must give eager's numbers; a
+    # compiler that raises at the first call costs one line on stderr and the run goes on eagerly.
+    import dataclasses
+
+    runtime = cpu_runtime()
+    eager = _tiny_run(runtime)[0].state_dict()
+    compiling = dataclasses.replace(runtime, compile=True)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net: real_compile(net, backend="eager"))
+    compiled = _tiny_run(compiling)[0].state_dict()
+    assert all(torch.equal(eager[k], compiled[k]) for k in eager)
+
+    def broken(net):
+        def fail(*args):
+            raise RuntimeError("backend compiler failed\nlong traceback")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    capsys.readouterr()
+    fallback = _tiny_run(compiling)[0].state_dict()
+    assert all(torch.equal(eager[k], fallback[k]) for k in eager)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed (RuntimeError: backend compiler failed); training eagerly") == 1
+
+
+def test_float16_trains_with_a_loss_scaler(monkeypatch):
+    # float16 autocast (a GPU without bf16) goes through torch's GradScaler; on the CPU the same path runs.
+    import dataclasses
+
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+    def scale(self, x):
+        scaled.append(self.is_enabled())
+        return real_scale(self, x)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
+    model, result = _tiny_run(dataclasses.replace(cpu_runtime(), autocast=torch.float16), max_iters=20)
+    assert scaled and all(scaled)  # every backward through an enabled scaler
+    assert result.curve[-1].val_loss < result.curve[0].val_loss
+    assert all(torch.isfinite(p).all() for p in model.parameters())

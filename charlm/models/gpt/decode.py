@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.gpt.model import GPT, rope_angles
+from charlm.models.gpt.kernels import rope_angles
 
 if TYPE_CHECKING:
+    from charlm.models.gpt.model import GPT
     from charlm.sampling import KVCache
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -67,8 +68,6 @@ def with_swapped_qk(qkv: nn.Module, n_head: int) -> nn.Module:
     RoPE needs beside q and k (x cos + swap(x) sin). Swapping is a permutation of output rows, so
     the extra rows are the same weights (the same int8 rows and scales for an int8 layer), and one
     matmul yields [q, k, v, swap(q), swap(k)] where a separate `roll` would be one more op per layer."""
-    from charlm.quantize import Int8Linear
-
     n_embd = qkv.weight.size(1) if isinstance(qkv, nn.Linear) else qkv.weight_int8.size(1)
     hs = n_embd // n_head
     within = (torch.arange(hs) + hs // 2) % hs
@@ -81,10 +80,10 @@ def with_swapped_qk(qkv: nn.Module, n_head: int) -> nn.Module:
             extended.bias.data = qkv.bias.detach()[rows]
         return extended
     bias = None if qkv.bias is None else qkv.bias[rows]
-    return Int8Linear(qkv.weight_int8[rows], qkv.scales.float()[rows], bias, qkv.compute_dtype)
+    return type(qkv)(qkv.weight_int8[rows], qkv.scales.float()[rows], bias, qkv.compute_dtype)  # Int8Linear
 
 
-def _residual_linear(module: nn.Module) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor | None]:
+def _residual_linear(module: nn.Module) -> tuple[Callable[..., torch.Tensor], torch.Tensor | None]:
     """`x + module(h)` as `f(x, h)` (one `addmm` for `nn.Linear`) and the bias it leaves to add."""
     if not isinstance(module, nn.Linear):
         return (lambda x, h: x + module(h)), None
@@ -165,7 +164,7 @@ class DecodeStep:
         full = cache.length == cache.capacity
         slot = position % cache.capacity if full else cache.length
         held = cache.capacity if full else cache.length + 1
-        for layer, keys_values, i in zip(self.layers, cache.keys_values.unbind(0), range(len(self.layers))):
+        for i, (layer, keys_values) in enumerate(zip(self.layers, cache.keys_values.unbind(0), strict=True)):
             qkv = layer.qkv(F.layer_norm(x, *layer.ln1)).view(B, -1, nh, hs)  # [q, k, v] (+ [swap(q), swap(k)])
             qk = qkv[:, :2]
             inverse_norm = None

@@ -1,4 +1,4 @@
-"""The GPT's attention kernels and its fast CPU ops, and the one call the model makes: `attend`.
+"""The GPT's attention kernels, its fast CPU ops and RoPE's tables, and the one call the model makes: `attend`.
 
 Which kernel runs is decided once per stage (`charlm.hardware.AttentionKernels`); `attend` takes that
 decision and the model never asks the device. Each op equals plain PyTorch code, and a test proves it:
@@ -30,6 +30,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.hardware import AttentionKernels, Kernel
+
+ROPE_BASE = 10000.0
+
+
+def rope_angles(head_size: int, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation tables (T, hs) for positions [start, start+T): cos of the angles pos * base^(-2i/hs)
+    for both halves of a head, and sin with the first half negated, as `apply_rope` takes them.
+
+    Computed in float64 on the CPU, then moved: a sliding KV cache reaches positions where float32
+    angles would have lost their precision, and some devices (mps) have no float64.
+    """
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+    angles = torch.arange(start, start + length, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float().to(device), torch.cat([-sin, sin], dim=-1).float().to(device)
 
 
 def random_bytes(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

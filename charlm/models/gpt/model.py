@@ -17,7 +17,8 @@ docs/recipe.md "Architecture switches" has the measured effect of each): `positi
 (each character attends to itself and the W - 1 before it; each layer reaches W - 1 further back).
 Which kernel computes attention is not the model's business: a stage decides it once
 (`charlm.hardware.AttentionKernels`) and hands it over with `use_kernels`. The KV cache that
-generation passes as `kv_cache` lives beside generation, in `charlm.sampling`.
+generation passes as `kv_cache` lives beside generation, in `charlm.sampling`; `decode_step()` gives
+generation this forward for one new token per stream in fewer ops (`charlm.models.gpt.decode`).
 """
 
 from __future__ import annotations
@@ -31,26 +32,11 @@ from torch import nn
 
 from charlm.hardware import AttentionKernels
 from charlm.models.gpt.config import GPTConfig
-from charlm.models.gpt.kernels import Dropout, attend, norm_rotate_heads, squared_relu
+from charlm.models.gpt.decode import DecodeStep
+from charlm.models.gpt.kernels import Dropout, attend, norm_rotate_heads, rope_angles, squared_relu
 
 if TYPE_CHECKING:
     from charlm.sampling import KVCache
-
-ROPE_BASE = 10000.0
-
-
-def rope_angles(head_size: int, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation tables (T, hs) for positions [start, start+T): cos of the angles pos * base^(-2i/hs)
-    for both halves of a head, and sin with the first half negated, as `apply_rope` takes them.
-
-    Computed in float64 on the CPU, then moved: a sliding KV cache reaches positions where float32
-    angles would have lost their precision, and some devices (mps) have no float64.
-    """
-    inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
-    angles = torch.arange(start, start + length, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1).float().to(device), torch.cat([-sin, sin], dim=-1).float().to(device)
-
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (x_i, x_{i + hs/2}) pair of `x` (B, nh, T, hs) by its position's angle:
@@ -273,6 +259,10 @@ class GPT(nn.Module):
         # float() so that under bf16 autocast the softmax and the loss are still computed in float32.
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+    def decode_step(self) -> DecodeStep:
+        """This model's forward for one new token per stream, for generation (`charlm.models.gpt.decode`)."""
+        return DecodeStep(self)
 
     def use_kernels(self, kernels: AttentionKernels) -> GPT:
         """Compute attention with these kernels from now on (a stage's `Runtime.attention`)."""
