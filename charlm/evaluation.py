@@ -3,13 +3,16 @@ exact whole-split loss (the evaluate stage's metrics)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from charlm.batches import get_batch, sequential_blocks
+from charlm.errors import NonFiniteLoss
 from charlm.hardware import Runtime
-from charlm.params import TrainConfig
+from charlm.params import EvaluateParams, TrainConfig
 
 # Tokens per forward pass. Why not more: at 32k tokens the GPT's MLP activation (64 MB) outgrows the
 # 32 MB blocks glibc keeps (`charlm.device.keep_freed_memory`), and every batch page-faults its memory
@@ -66,6 +69,56 @@ def split_loss(
         count += y.numel()
     model.train(was_training)
     return (total / count).item()
+
+
+def dynamic_loss(
+    model: nn.Module, data: torch.Tensor, block_size: int, device: torch.device, settings: EvaluateParams
+) -> float:
+    """Mean loss over the split under dynamic evaluation (Krause et al. 2018, 2019), in float32.
+
+    The split is read in order, `dynamic_segment` characters at a time. Each segment is scored with
+    the current weights (with up to `block_size - dynamic_segment` characters before it as context),
+    and only then the model takes an SGD step on that segment's loss, after which every weight moves
+    `dynamic_decay` of the way back to its trained value. Every character is predicted before the
+    model has learned from it: a causal predictor that adapts to the text it reads (names, a play's
+    style). The model's weights are restored when it returns.
+    """
+    segment = min(settings.dynamic_segment, block_size)
+    context = block_size - segment
+    params = [p for p in model.parameters() if p.requires_grad]
+    trained = [p.detach().clone() for p in params]
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    count = 0
+    tokens = data.long()
+    try:
+        for start in range(0, len(tokens) - 1, segment):
+            end = min(start + segment, len(tokens) - 1)
+            first = max(0, start - context)
+            x = tokens[first:end].to(device)[None]  # (1, T)
+            y = tokens[first + 1 : end + 1].to(device)[None]
+            logits, _ = model(x)
+            scored = start - first  # the context's positions are read, not scored
+            loss = F.cross_entropy(logits[0, scored:].float(), y[0, scored:], reduction="sum")
+            total += loss.detach()
+            count += end - start
+            grads = torch.autograd.grad(loss / (end - start), params)
+            with torch.no_grad():
+                torch._foreach_add_(params, grads, alpha=-settings.dynamic_lr)
+                if settings.dynamic_decay > 0:
+                    torch._foreach_lerp_(params, trained, settings.dynamic_decay)
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, trained)
+        model.train(was_training)
+    mean = (total / count).item()
+    if not math.isfinite(mean):
+        raise NonFiniteLoss(
+            f"dynamic evaluation diverged: evaluate.dynamic_lr = {settings.dynamic_lr} makes the loss "
+            f"{mean}; try a smaller dynamic_lr or a larger dynamic_decay"
+        )
+    return mean
 
 
 @torch.inference_mode()

@@ -216,6 +216,33 @@ class GPTParams(Section):
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """Dynamic evaluation (charlm.evaluation.dynamic_loss): the val split read in order, each segment
+    scored first, then learned from, with the weights pulled back towards the trained ones."""
+
+    dynamic_lr: float = 0.0  # SGD step on each scored segment; 0 = no dynamic evaluation
+    dynamic_decay: float = 0.0  # share of the way back to the trained weights after each step
+    dynamic_segment: int = 128  # characters scored, then learned from, per step
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.dynamic_lr < 1.0 and math.isfinite(self.dynamic_lr),
+            "evaluate.dynamic_lr",
+            self.dynamic_lr,
+            "must be in [0, 1) (0 = no dynamic evaluation)",
+        )
+        _check(
+            0.0 <= self.dynamic_decay <= 1.0, "evaluate.dynamic_decay", self.dynamic_decay, "must be in [0, 1]"
+        )
+        _check(
+            1 <= self.dynamic_segment <= 1_000_000,
+            "evaluate.dynamic_segment",
+            self.dynamic_segment,
+            "must be in [1, 1000000]",
+        )
+
+
+@dataclass(frozen=True)
 class SampleParams:
     prompt: str = ""  # empty: a newline, or token 0 in a corpus without one (charlm.sampling.prompt_ids)
     max_new_tokens: int = 500
@@ -259,6 +286,7 @@ class Params:
     bigram: BigramParams = field(default_factory=BigramParams)
     gpt: GPTParams = field(default_factory=GPTParams)
     sample: SampleParams = field(default_factory=SampleParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**63, "seed", self.seed, "must be an integer in [0, 2**63)")

@@ -9,7 +9,7 @@ from charlm import io
 from charlm.batches import load_tokens
 from charlm.checkpoint import load_for_stage
 from charlm.errors import reported_errors
-from charlm.evaluation import split_loss
+from charlm.evaluation import dynamic_loss, split_loss
 from charlm.models import extra_metrics
 
 
@@ -23,7 +23,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="The params file."),
 ) -> None:
     with reported_errors(f"evaluate@{model}"):
-        _, runtime, ckpt = load_for_stage(model, checkpoint, vocab, params)
+        p, runtime, ckpt = load_for_stage(model, checkpoint, vocab, params)
         train_data = load_tokens(train_tokens, ckpt.tokenizer.dtype)
         val_data = load_tokens(val_tokens, ckpt.tokenizer.dtype)
         net = ckpt.build(runtime)
@@ -38,6 +38,10 @@ def main(
             "overfit_gap": round(val_loss - train_loss, 5),  # val - train: how much is memorised
             "params": ckpt.n_params,
         }
+        if p.evaluate.dynamic_lr > 0:
+            # Beside val_loss, never instead of it: a model that learns from the text it scores.
+            dynamic = dynamic_loss(net, val_data, block_size, runtime.device, p.evaluate)
+            result["val_loss_dynamic"] = round(dynamic, 5)
         result |= extra_metrics(model, train_data, val_data, ckpt.tokenizer.vocab_size)
         stats = ckpt.train_stats
         result |= {

@@ -73,6 +73,8 @@ def test_the_readmes_headline_and_reference_class_row_are_the_committed_metrics(
     val = f"{m['val_loss']:.4f}"
     intro = readme().split("\n## ", 1)[0]
     assert f"**{val}**" in intro
+    results = readme().split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert f"`val_loss_dynamic` (GPT **{m['val_loss_dynamic']:.4f}**)" in results
     # The timing table's row marked as the reference run is the committed metrics, and the Results
     # section names that row's CPU class.
     (row,) = [line for line in readme().splitlines() if line.startswith("| ") and "the reference run" in line]
