@@ -63,24 +63,34 @@ def cpu_amx_from_facts(system: str, machine: str, cpuinfo: str) -> bool:
     return system == "Linux" and x86 and "amx_bf16" in _cpu_flags(cpuinfo)
 
 
+def _read_cpuinfo() -> str | None:
+    """/proc/cpuinfo's text, or None when it can't be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _sysctl(name: str) -> str | None:
+    """macOS's `sysctl -n name`, or None when it can't be run."""
+    try:
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_facts() -> tuple[str, str, str, str] | None:
     """(system, machine, cpuinfo, sysctl FEAT_BF16) of this machine, or None when they can't be read."""
     system, machine = platform.system(), platform.machine()
     cpuinfo = sysctl = ""
     if system == "Linux":
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return None
+        cpuinfo = _read_cpuinfo()
     elif system == "Darwin":
-        try:
-            sysctl = subprocess.run(
-                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
+        sysctl = _sysctl("hw.optional.arm.FEAT_BF16")
+    if cpuinfo is None or sysctl is None:
+        return None
     return system, machine, cpuinfo, sysctl
 
 
@@ -129,20 +139,8 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     system = platform.system()
-    cpuinfo = brand = ""
-    if system == "Linux":
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            pass
-    elif system == "Darwin":
-        try:
-            brand = subprocess.run(
-                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            pass
+    cpuinfo = (_read_cpuinfo() if system == "Linux" else None) or ""
+    brand = (_sysctl("machdep.cpu.brand_string") if system == "Darwin" else None) or ""
     name = cpu_name_from_facts(system, cpuinfo, brand)
     if device.type == "mps":
         return f"{name} GPU (mps)"
