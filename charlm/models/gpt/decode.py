@@ -6,9 +6,10 @@ MFLOP per character). `DecodeStep` computes the same function as `GPT.forward(id
 for a single new token, with the constant parts folded in once, when it is built:
 
 - the linear layers' weights transposed once, so each is one `addmm` (or the int8 kernel);
-- the QK-norm gains and the attention's 1/sqrt(head_size) folded into the RoPE tables, which are
-  made for many positions at once: rope(g * n) = n * (g cos) + swap(n) * (swap(g) sin), so queries and
-  keys together take one `rms_norm`, one `roll` and two multiply-adds;
+- the QK-norm gains folded into the RoPE tables, which are made for many positions at once:
+  rope(g * n) = n * (g cos) + swap(n) * (swap(g) sin); swap(q) and swap(k) come out of the qkv
+  matmul as extra rows (`with_swapped_qk`), and the RMS norm is one dot product, so queries and keys
+  together take a few ops and no `roll`;
 - the logit soft-cap's 1/cap folded into the head's weights;
 - no module calls, no shape checks, no dropout.
 
@@ -160,7 +161,6 @@ class DecodeStep:
             if position >= self._cos.size(0):
                 self._grow_tables(position)
             cos, sin = self._cos[position].unbind(0), self._sin[position].unbind(0)  # n_layer x (2, 1, hs)
-        gains = self.gains.unbind(0)
         full = cache.length == cache.capacity
         slot = position % cache.capacity if full else cache.length
         held = cache.capacity if full else cache.length + 1
@@ -178,7 +178,7 @@ class DecodeStep:
                 else:
                     torch.mul(torch.addcmul(qk * cos[i], qkv[:, 3:], sin[i]), inverse_norm, out=qk)
             elif inverse_norm is not None:
-                torch.mul(qk * inverse_norm, gains[i], out=qk)
+                torch.mul(qk * inverse_norm, self.gains[i], out=qk)
             keys_values.select(3, slot).copy_(qkv[:, 1:3])
             k, v = (keys_values if full else keys_values.narrow(3, 0, held)).unbind(1)  # (B, nh, held, hs)
             # One query per stream and head attends to every key held: no mask.
