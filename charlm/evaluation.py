@@ -77,14 +77,16 @@ def dynamic_loss(
     """Mean loss over the split under dynamic evaluation (Krause et al. 2018, 2019), in float32.
 
     The split is read in order, `dynamic_segment` characters at a time. Each segment is scored with
-    the current weights (with up to `block_size - dynamic_segment` characters before it as context),
+    the current weights (with up to `block_size - dynamic_segment` characters before it as context, no
+    more than the model's `receptive_field` can use),
     and only then the model takes an SGD step on that segment's loss, after which every weight moves
     `dynamic_decay` of the way back to its trained value. Every character is predicted before the
     model has learned from it: a causal predictor that adapts to the text it reads (names, a play's
     style). The model's weights are restored when it returns.
     """
     segment = min(settings.dynamic_segment, block_size)
-    context = block_size - segment
+    # Context past what can reach a prediction changes no score and costs a forward and backward.
+    context = min(block_size - segment, getattr(model, "receptive_field", block_size) - 1)
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
     was_training = model.training

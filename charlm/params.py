@@ -101,7 +101,13 @@ class TrainConfig:
         _check(0.0 < self.learning_rate < 10.0, f"{section}.learning_rate", self.learning_rate, "must be in (0, 10)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{section}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.warmup_iters >= 0, f"{section}.warmup_iters", self.warmup_iters, "must be >= 0")
-        _check(0.0 <= self.weight_decay < 1.0, f"{section}.weight_decay", self.weight_decay, "must be in [0, 1)")
+        # Decoupled decay shrinks every matrix by learning_rate * weight_decay a step: under 1 or it flips sign.
+        _check(
+            self.weight_decay >= 0.0 and self.learning_rate * self.weight_decay < 1.0,
+            f"{section}.weight_decay",
+            self.weight_decay,
+            f"must be >= 0 and under 1 / learning_rate ({1 / self.learning_rate:g})",
+        )
         _check(
             self.micro_batch_size >= 0 and (self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0),
             f"{section}.micro_batch_size",

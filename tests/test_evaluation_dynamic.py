@@ -86,3 +86,26 @@ def test_every_character_is_scored_before_the_model_learns_from_it():
 def test_bad_settings_name_the_key(key, value, message):
     with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         EvaluateParams(**{key: value})
+
+
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_the_receptive_field_is_exactly_what_reaches_a_prediction(token_shift):
+    # dynamic_loss reads no context beyond it; a character one further back must change nothing.
+    net = helpers.tiny_gpt(V, block_size=32, position="rope", attention_window=4, token_shift=token_shift)
+    if token_shift:
+        with torch.no_grad():
+            net.token_shift.fill_(0.5)
+    field = net.receptive_field
+    assert field == net.config.n_layer * 3 + 1 + int(token_shift) < 32
+    x = torch.randint(0, V, (1, 32), generator=torch.Generator().manual_seed(2))
+
+    def last_logits(changed_at):
+        x2 = x.clone()
+        x2[0, changed_at] = (x2[0, changed_at] + 1) % V
+        with torch.no_grad():
+            return net(x2)[0][0, -1]
+
+    with torch.no_grad():
+        original = net(x)[0][0, -1]
+    assert torch.allclose(last_logits(32 - field - 1), original, atol=1e-6)
+    assert not torch.allclose(last_logits(32 - field), original, atol=1e-4)

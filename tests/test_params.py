@@ -59,6 +59,7 @@ BAD = [
     ({"gpt": {"warmup_iters": -1}}, "gpt.warmup_iters = -1"),
     ({"gpt": {"min_lr_ratio": 2}}, "gpt.min_lr_ratio = 2.0"),
     ({"gpt": {"weight_decay": -1}}, "gpt.weight_decay = -1.0"),
+    ({"gpt": {"weight_decay": 200}}, "gpt.weight_decay = 200.0: must be >= 0 and under 1 / learning_rate (100)"),
     ({"gpt": {"grad_clip": -1}}, "gpt.grad_clip = -1.0"),
     ({"gpt": {"bias": "yes"}}, "gpt.bias = 'yes'"),
     ({"sample": {"temperature": -0.5}}, "sample.temperature = -0.5"),

@@ -17,6 +17,7 @@ class BigramLanguageModel(nn.Module):
 
     # Each prediction reads only the current token: generation feeds just the last one.
     context_size = 1
+    receptive_field = 1
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

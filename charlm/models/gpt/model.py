@@ -176,6 +176,15 @@ class GPT(nn.Module):
         return self.config.block_size
 
     @property
+    def receptive_field(self) -> int:
+        """How many characters, the last one included, can reach a prediction: with an attention
+        window W, each layer looks W - 1 further back (and token_shift one more); else block_size."""
+        c = self.config
+        if c.attention_window <= 0:
+            return c.block_size
+        return min(c.block_size, c.n_layer * (c.attention_window - 1) + 1 + int(c.token_shift))
+
+    @property
     def cache_slides(self) -> bool:
         """Whether the KV cache can slide past block_size (RoPE) or must be rebuilt (learned positions)."""
         return self.config.position == "rope"
