@@ -126,25 +126,40 @@ class EpochBlocks:
         self.epoch = int(state["epoch"])
 
 
-def sequential_blocks(
-    data: torch.Tensor, block_size: int, batch_size: int, max_tokens: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping blocks covering the split (or `max_tokens` spread evenly over it), in batches.
+CONTEXT_ONLY = -100  # F.cross_entropy's default ignore_index: a target read as context, not scored
 
+
+def sequential_blocks(
+    data: torch.Tensor, block_size: int, batch_size: int, max_tokens: int | None = None, context: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Blocks covering the split (or `max_tokens` spread evenly over it), in batches, every target
+    token scored exactly once; the last partial block too.
+
+    With `context` > 0 the blocks overlap by that many tokens: each block after the first reads
+    `context` tokens already scored before its own, and their targets are CONTEXT_ONLY, so every
+    scored token but the split's first `context` sees at least `context` tokens before it.
     Deterministic: the same data always gives the same blocks, so the loss over them is an exact
-    function of the checkpoint. Every target token is counted once; the last partial block too.
+    function of the checkpoint.
     """
+    if not 0 <= context < block_size:
+        raise ValueError(f"context {context} must be in [0, block_size {block_size})")
     n_targets = len(data) - 1
-    starts = torch.arange(0, n_targets, block_size)
+    stride = block_size - context
+    starts = torch.arange(0, max(n_targets - context, 1), stride)
     if max_tokens is not None and max_tokens < n_targets:
-        keep = max(1, max_tokens // block_size)
+        keep = max(1, max_tokens // stride)
         starts = starts[torch.linspace(0, len(starts) - 1, keep).round().long().unique()]
+
+    def masked(chunk: torch.Tensor, block_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = chunk[:, :-1], chunk[:, 1:].clone()
+        if context:
+            y[block_starts > 0, :context] = CONTEXT_ONLY  # the first block has nothing before it
+        return x, y
+
     full = starts[starts + block_size <= n_targets]
     for i in range(0, len(full), batch_size):
         offsets = full[i : i + batch_size, None] + torch.arange(block_size + 1)  # (B, T+1)
-        chunk = data[offsets].long()
-        yield chunk[:, :-1], chunk[:, 1:]
+        yield masked(data[offsets].long(), full[i : i + batch_size])
     tail = starts[starts + block_size > n_targets]
     for s in tail.tolist():
-        chunk = data[s:].long()[None]  # (1, n)
-        yield chunk[:, :-1], chunk[:, 1:]
+        yield masked(data[s:].long()[None], torch.tensor([s]))  # (1, n)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.batches import get_batch, sequential_blocks
+from charlm.batches import CONTEXT_ONLY, get_batch, sequential_blocks
 from charlm.errors import NonFiniteLoss
 from charlm.hardware import Runtime
 from charlm.params import EvaluateParams, TrainConfig
@@ -52,21 +52,39 @@ def estimate_loss(
     return out
 
 
+def full_context(model: nn.Module, block_size: int) -> int:
+    """The context `split_loss` gives each scored character for the model's best prediction: all
+    that reaches it (`receptive_field` - 1), at most half a window (a full-attention model's
+    windows then overlap by half, which doubles the evaluation's cost)."""
+    return min(getattr(model, "receptive_field", block_size) - 1, block_size // 2)
+
+
 @torch.inference_mode()
 def split_loss(
-    model: nn.Module, data: torch.Tensor, block_size: int, device: torch.device, max_tokens: int | None = None
+    model: nn.Module,
+    data: torch.Tensor,
+    block_size: int,
+    device: torch.device,
+    max_tokens: int | None = None,
+    context: int = 0,
 ) -> float:
-    """Exact mean loss over the whole split in non-overlapping windows, in float32: a pure function
-    of the checkpoint and the data, so the evaluate stage's metrics are reproducible."""
+    """Exact mean loss over the whole split, every character scored once, in float32: a pure function
+    of the checkpoint and the data, so the evaluate stage's metrics are reproducible.
+
+    With `context` 0 the windows do not overlap, and a window's first characters are predicted from
+    the few before them in the window; with `full_context(model, block_size)` every character (but
+    the split's first) is predicted from all the text that can reach it.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float32, device=device)
     count = 0
-    for x, y in sequential_blocks(data, block_size, eval_batch_size(block_size), max_tokens):
+    for x, y in sequential_blocks(data, block_size, eval_batch_size(block_size), max_tokens, context):
+        scored = int((y != CONTEXT_ONLY).sum())  # counted on the CPU: no device sync
         x, y = x.to(device), y.to(device)
-        _, loss = model(x, y)
-        total += loss.float() * y.numel()
-        count += y.numel()
+        _, loss = model(x, y)  # the mean over the scored targets: CONTEXT_ONLY ones are ignored
+        total += loss.float() * scored
+        count += scored
     model.train(was_training)
     return (total / count).item()
 

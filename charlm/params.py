@@ -223,9 +223,11 @@ class GPTParams(Section):
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    """Dynamic evaluation (charlm.evaluation.dynamic_loss): the val split read in order, each segment
-    scored first, then learned from, with the weights pulled back towards the trained ones."""
+    """The evaluate stage's windows (charlm.evaluation.split_loss) and dynamic evaluation
+    (charlm.evaluation.dynamic_loss): the val split read in order, each segment scored first, then
+    learned from, with the weights pulled back towards the trained ones."""
 
+    full_context: bool = False  # val_loss/train_loss windows overlap so every character has its full context
     dynamic_lr: float = 0.0  # SGD step on each scored segment; 0 = no dynamic evaluation
     dynamic_decay: float = 0.0  # share of the way back to the trained weights after each step
     dynamic_segment: int = 128  # characters scored, then learned from, per step

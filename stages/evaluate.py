@@ -9,7 +9,7 @@ from charlm import io
 from charlm.batches import load_tokens
 from charlm.checkpoint import load_for_stage
 from charlm.errors import reported_errors
-from charlm.evaluation import dynamic_loss, split_loss
+from charlm.evaluation import dynamic_loss, full_context, split_loss
 from charlm.models import extra_metrics
 
 
@@ -28,9 +28,10 @@ def main(
         val_data = load_tokens(val_tokens, ckpt.tokenizer.dtype)
         net = ckpt.build(runtime)
         block_size = ckpt.config.get("block_size", 256)  # the bigram sees one token whatever the block
-        val_loss = split_loss(net, val_data, block_size, runtime.device)
+        context = full_context(net, block_size) if p.evaluate.full_context else 0
+        val_loss = split_loss(net, val_data, block_size, runtime.device, context=context)
         # The train split is 9x the val split: an even spread of blocks as large as val is enough.
-        train_loss = split_loss(net, train_data, block_size, runtime.device, max_tokens=len(val_data))
+        train_loss = split_loss(net, train_data, block_size, runtime.device, len(val_data), context)
         result = {
             "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from charlm.batches import EpochBlocks, blocks_at, get_batch, load_tokens, sequential_blocks
+from charlm.batches import CONTEXT_ONLY, EpochBlocks, blocks_at, get_batch, load_tokens, sequential_blocks
 
 
 def test_targets_are_inputs_shifted_by_one():
@@ -72,6 +73,26 @@ def test_sequential_windows_count_every_target_once():
         assert torch.equal(y, x + 1)
         seen += y.flatten().tolist()
     assert seen == list(range(1, 103))
+
+
+@pytest.mark.parametrize("length", [103, 104, 97, 11])
+def test_overlapping_windows_score_every_target_once_each_with_its_context(length):
+    data = torch.arange(length, dtype=torch.int64)
+    seen = []
+    for x, y in sequential_blocks(data, block_size=10, batch_size=4, context=4):
+        for row_x, row_y in zip(x, y, strict=True):
+            scored = row_y != CONTEXT_ONLY
+            assert torch.equal(row_y[scored], row_x[scored] + 1)
+            first = int(row_y[scored][0])  # the first target scored in this window
+            assert first == 1 or int(scored.long().argmax()) == 4  # 4 characters of context before it
+            seen += row_y[scored].tolist()
+    assert seen == list(range(1, length))
+
+
+def test_overlapping_windows_spread_over_a_split_score_each_target_at_most_once():
+    data = torch.arange(1000, dtype=torch.int64)
+    seen = [t for _, y in sequential_blocks(data, 10, 4, max_tokens=100, context=4) for t in y[y >= 0].tolist()]
+    assert len(seen) == len(set(seen)) and 90 <= len(seen) <= 110
 
 
 def test_load_tokens_reads_raw_file(tmp_path):

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from charlm.batches import get_batch
-from charlm.evaluation import estimate_loss, position_losses, split_loss
+from charlm.evaluation import estimate_loss, full_context, position_losses, split_loss
 from charlm.models import build_model, config_for
 from charlm.models.bigram.model import bigram_loss_floor
 from charlm.optim import Muon, make_optimizer
 from charlm.params import BigramParams, GPTParams, TrainConfig
 from charlm.training import learning_rate_at
+from tests import helpers
 from tests.helpers import cpu_runtime, token_splits, train_on_cpu
 
 
@@ -391,3 +392,21 @@ def test_float16_trains_with_a_loss_scaler(monkeypatch):
     assert scaled and all(scaled)  # every backward through an enabled scaler
     assert result.curve[-1].val_loss < result.curve[0].val_loss
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_full_context_split_loss_is_each_characters_loss_given_all_that_reaches_it():
+    data = torch.randint(0, 11, (150,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    net = helpers.tiny_gpt(11, block_size=16, position="rope", attention_window=4)  # 2 layers: 7 reach a prediction
+    context = full_context(net, 16)
+    assert context == net.receptive_field - 1 == 6
+    with torch.no_grad():  # one forward per character, over exactly the characters that reach it
+        by_hand = [
+            F.cross_entropy(net(data[max(0, j - context) : j + 1][None])[0][0, -1], data[j + 1]).item()
+            for j in range(len(data) - 1)
+        ]
+    got = split_loss(net, data, 16, torch.device("cpu"), context=context)
+    assert got == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
+    # Non-overlapping windows predict their first characters from less: a different number.
+    assert split_loss(net, data, 16, torch.device("cpu")) != pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4)
+    full_attention = helpers.tiny_gpt(11, block_size=16)
+    assert full_context(full_attention, 16) == 8  # at most half a window
