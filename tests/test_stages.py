@@ -250,3 +250,35 @@ def test_a_diverged_run_stops_with_one_line_writes_nothing_and_keeps_the_last_go
     (state,) = states.glob("*.pt")
     payload = torch.load(state, map_location="cpu", weights_only=True)
     assert payload["step"] == 6 and all(torch.isfinite(w).all() for w in payload["model"].values())
+
+
+def test_the_evaluate_stage_scores_with_full_context_when_asked(prepared, tmp_path):
+    import json
+
+    import torch
+
+    from charlm.batches import load_tokens
+    from charlm.checkpoint import load_checkpoint
+    from charlm.evaluation import full_context, split_loss
+
+    windowed = TINY_GPT | {"max_iters": 5, "position": "rope", "attention_window": 4, "n_layer": 2}
+    write_params(tmp_path / "p.yaml", gpt=windowed)
+    assert stage("train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml"), cwd=prepared).returncode == 0
+    ckpt = load_checkpoint(prepared / "models/gpt.pt")
+    net = ckpt.build()
+    val = load_tokens(prepared / "data/val.bin", ckpt.tokenizer.dtype)
+    reported = []
+    for on in (False, True):
+        write_params(tmp_path / "e.yaml", gpt=windowed, evaluate={"full_context": on})
+        out = tmp_path / f"m{on}.json"
+        data = ["--train", "data/train.bin", "--val", "data/val.bin", "--vocab", "data/vocab.json"]
+        args = ["gpt", "--checkpoint", "models/gpt.pt", *data, "--metrics", str(out)]
+        proc = stage("evaluate", *args, "--params", str(tmp_path / "e.yaml"), cwd=prepared)
+        assert proc.returncode == 0, proc.stderr
+        context = full_context(net, 16) if on else 0
+        expected = split_loss(net, val, 16, torch.device("cpu"), context=context)
+        reported.append(json.loads(out.read_text())["val_loss"])
+        assert reported[-1] == round(expected, 5)
+    assert reported[0] != reported[1]
+    for path in leftovers(prepared):
+        path.unlink()
