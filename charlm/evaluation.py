@@ -56,7 +56,7 @@ def full_context(model: nn.Module, block_size: int) -> int:
     """The context `split_loss` gives each scored character for the model's best prediction: all
     that reaches it (`receptive_field` - 1), at most half a window (a full-attention model's
     windows then overlap by half, which doubles the evaluation's cost)."""
-    return min(getattr(model, "receptive_field", block_size) - 1, block_size // 2)
+    return min(model.receptive_field - 1, block_size // 2)
 
 
 @torch.inference_mode()
@@ -104,7 +104,7 @@ def dynamic_loss(
     """
     segment = min(settings.dynamic_segment, block_size)
     # Context past what can reach a prediction changes no score and costs a forward and backward.
-    context = min(block_size - segment, getattr(model, "receptive_field", block_size) - 1)
+    context = min(block_size - segment, model.receptive_field - 1)
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
     was_training = model.training
