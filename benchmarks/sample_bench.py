@@ -49,11 +49,13 @@ def forward_generate(model, idx, max_new_tokens: int):
 
 def flops_per_token(config: dict) -> float:
     """Multiply-adds x 2 of one decode step: every linear layer's weights once, and attention over
-    the keys a token sees (the window, or the whole block)."""
-    C, L = config["n_embd"], config["n_layer"]
-    window = config.get("attention_window", 0) or config["block_size"]
+    the keys a token sees (the window, or the whole block in a full-attention layer)."""
+    C, L, T = config["n_embd"], config["n_layer"], config["block_size"]
+    window = config.get("attention_window", 0)
+    full_layers = config.get("full_attention_layers", 0) if 0 < window < T else L
+    keys = (L - full_layers) * window + full_layers * T  # summed over the layers
     linear = L * (3 * C * C + C * C + 8 * C * C) + C * config["vocab_size"]
-    attention = L * 2 * window * C
+    attention = 2 * keys * C
     return 2.0 * (linear + attention)
 
 

@@ -115,12 +115,13 @@ def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
 def flops_per_token(config: dict) -> float:
     """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention's QK^T and AV
     over the keys the kernels compute, masked or not: all T, or with a sliding window W the 2W of a
-    chunk and the one before it."""
+    chunk and the one before it (in all but the last `full_attention_layers`)."""
     C, L, T, V = config["n_embd"], config["n_layer"], config["block_size"], config["vocab_size"]
     window = config.get("attention_window", 0)
-    keys = 2 * window if 0 < window < T else T
+    full_layers = config.get("full_attention_layers", 0) if 0 < window < T else L
+    keys = (L - full_layers) * 2 * window + full_layers * T  # summed over the layers
     matmul_weights = L * 12 * C * C + C * V  # per block: qkv 3C^2, proj C^2, MLP 8C^2; the head
-    return 6 * matmul_weights + 12 * L * keys * C
+    return 6 * matmul_weights + 12 * keys * C
 
 
 def worker_steps(data: Path, overrides: dict, steps: int, rounds: int) -> dict:

@@ -91,16 +91,18 @@ def training_memory(
     # temporaries.
     saved = 22 + 8 * (config.get("position") == "rope") + 4 * bool(config.get("qk_norm"))
     saved += 11 * (config.get("mlp") == "relu2")
+    window = int(config.get("attention_window", 0) or 0)
+    full_layers = int(config.get("full_attention_layers", 0) or 0) if 0 < window < tokens else layers
     # A sliding window keeps each chunk's keys and values beside the one before it, and scores for
     # 2 * window keys per query instead of all of them.
-    window = int(config.get("attention_window", 0) or 0)
-    keys = tokens
-    if 0 < window < tokens:
-        saved += 10
-        keys = 2 * window
+    windowed = (layers - full_layers) * (
+        (saved + 10) * rows * tokens * width + (2 * rows * heads * tokens * 2 * window if attention_matrix else 0)
+    )
     # The explicit path's weights: the softmax's output, kept, and its gradient at the backward's peak.
-    per_layer = saved * rows * tokens * width + (2 * rows * heads * tokens * keys if attention_matrix else 0)
-    activations = activation_bytes * (layers * per_layer + 3 * rows * tokens * vocab + 2 * rows * tokens * width)
+    full = full_layers * (
+        saved * rows * tokens * width + (2 * rows * heads * tokens * tokens if attention_matrix else 0)
+    )
+    activations = activation_bytes * (windowed + full + 3 * rows * tokens * vocab + 2 * rows * tokens * width)
     adam = n_params - n_muon if optimizer == "muon" else n_params
     return TrainingMemory(
         parameters=FLOAT32 * n_params,

@@ -8,11 +8,12 @@ the lecture's loop (which re-runs the whole cropped context for every token). Pa
 
 - with RoPE (`position: rope`) the cache slides: each new token sees the last `block_size` tokens
   (or its attention window), whose keys and values were computed when they were generated. With a
-  sliding attention window W and n_layer * (W - 1) < block_size (the default), that is exactly the
-  lecture's recompute of the last `block_size` characters, for any number of layers (tested): every
-  character a prediction reads lies inside that block either way. With full attention it is exact for
-  one layer only: with more, the recompute forgets, in every layer, what lay before the block while
-  the cached keys remember it (a model of the same text with more context, as in streaming attention);
+  sliding attention window W in every layer and n_layer * (W - 1) < block_size (the default), that is
+  exactly the lecture's recompute of the last `block_size` characters, for any number of layers
+  (tested): every character a prediction reads lies inside that block either way. With full attention
+  (or `full_attention_layers`) it is exact for one layer only: with more, the recompute forgets, in
+  every layer, what lay before the block while the cached keys remember it (a model of the same text
+  with more context, as in streaming attention);
 - with learned absolute positions the positions would have to shift under every cached key, so the
   cache is rebuilt from the last `block_size // 2` tokens and generation continues from there: each
   new token still sees at least half a block of context, for one batched forward per
@@ -58,53 +59,56 @@ def prompt_ids(tokenizer: CharTokenizer, prompt: str, drop_unknown: bool = False
 
 class KVCache:
     """Keys and values of every layer for the positions generated so far, preallocated to
-    `block_size` (or to the attention window, all a new token can see) so each new token writes in
-    place instead of concatenating.
+    `block_size` (or to the layer's attention window, all a new token can see there) so each new token
+    writes in place instead of concatenating.
 
-    `position` counts every token seen; `length` those held (at most the capacity). Once full, a
-    cache of a RoPE model slides: a new token overwrites the oldest slot. Its keys carry their
-    absolute rotation, and one query attends to a set of keys in any order, so no re-ordering or
+    `position` counts every token seen; `held(layer)` those a layer keeps (at most its capacity). Once
+    full, a layer's cache in a RoPE model slides: a new token overwrites the oldest slot. Its keys carry
+    their absolute rotation, and one query attends to a set of keys in any order, so no re-ordering or
     re-computation is needed (see `charlm.sampling` for how this compares to the lecture's loop).
     """
 
     def __init__(self, config: Any, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        """`config`: the GPT's (`n_layer`, `n_head`, `n_embd`, `block_size`, `attention_window`)."""
-        window = config.attention_window
-        self.capacity = window if 0 < window < config.block_size else config.block_size
-        shape = (config.n_layer, batch_size, 2, config.n_head, self.capacity, config.n_embd // config.n_head)
-        # Keys and values side by side, so a decode step stores a token's pair with one copy.
-        self.keys_values = torch.empty(shape, device=device, dtype=dtype)
-        self.keys = self.keys_values[:, :, 0]  # (n_layer, B, nh, capacity, hs)
-        self.values = self.keys_values[:, :, 1]
-        self.length = 0
+        """`config`: the GPT's (`n_head`, `n_embd`, `block_size`, `layer_windows()`)."""
+        self.capacities = tuple(w if 0 < w < config.block_size else config.block_size for w in config.layer_windows())
+        shape = (batch_size, 2, config.n_head)
+        hs = config.n_embd // config.n_head
+        # Per layer, keys and values side by side (B, 2, nh, capacity, hs), so a decode step stores a
+        # token's pair with one copy.
+        self.keys_values = [torch.empty((*shape, cap, hs), device=device, dtype=dtype) for cap in self.capacities]
+        self.keys = [layer[:, 0] for layer in self.keys_values]  # (B, nh, capacity, hs) each
+        self.values = [layer[:, 1] for layer in self.keys_values]
         self.position = 0
         self.last_embedding: torch.Tensor | None = None  # (B, 1, C): the token shift's previous character
+
+    def held(self, layer: int) -> int:
+        return min(self.capacities[layer], self.position)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v (B, nh, T, hs); return all keys and values held (with the new ones),
         or, for a prompt longer than a window-sized cache, the prompt's own (it keeps their last ones)."""
-        T = k.size(2)
-        if self.length + T <= self.capacity:
-            end = self.length + T
-            self.keys[layer, :, :, self.length : end] = k
-            self.values[layer, :, :, self.length : end] = v
-            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-        if self.length == 0:
+        T, capacity, held = k.size(2), self.capacities[layer], self.held(layer)
+        keys, values = self.keys[layer], self.values[layer]
+        k, v = k.detach(), v.detach()  # generation never differentiates through the cache
+        if held + T <= capacity:
+            keys[:, :, held : held + T] = k
+            values[:, :, held : held + T] = v
+            return keys[:, :, : held + T], values[:, :, : held + T]
+        if held == 0:
             # Position p lives in slot p % capacity, where the sliding below expects it.
-            slots = torch.arange(T - self.capacity, T, device=k.device) % self.capacity
-            self.keys[layer, :, :, slots] = k[:, :, -self.capacity :]
-            self.values[layer, :, :, slots] = v[:, :, -self.capacity :]
+            slots = torch.arange(T - capacity, T, device=k.device) % capacity
+            keys[:, :, slots] = k[:, :, -capacity:]
+            values[:, :, slots] = v[:, :, -capacity:]
             return k, v
         if T != 1:
             raise ValueError("a full KV cache takes one new token at a time")
-        slot = self.position % self.capacity  # the oldest token's slot
-        self.keys[layer, :, :, slot : slot + 1] = k
-        self.values[layer, :, :, slot : slot + 1] = v
-        return self.keys[layer], self.values[layer]
+        slot = self.position % capacity  # the oldest token's slot
+        keys[:, :, slot : slot + 1] = k
+        values[:, :, slot : slot + 1] = v
+        return keys, values
 
     def advance(self, n: int) -> None:
         self.position += n
-        self.length = min(self.capacity, self.length + n)
 
 
 class TokenSampler:

@@ -95,7 +95,8 @@ def test_a_checkpoint_from_before_the_architecture_switches_still_loads(tmp_path
     # lecture's model, which is what the missing keys' defaults build.
     model = gpt()
     ckpt = make_checkpoint("gpt", model, TOK, {})
-    for key in ("position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift", "attention_window"):
+    for key in ("position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift", "attention_window",
+                "full_attention_layers"):
         del ckpt.config[key]
     path = tmp_path / "old.pt"
     save_checkpoint(path, ckpt)

@@ -71,6 +71,7 @@ def test_info_card(ckpt):
     card = json.loads(runner.invoke(app, ["info", str(ckpt), "--json"]).stdout)
     assert card["model"] == "gpt" and card["vocab_size"] == 13 and card["params"] > 0
     switches = {"position", "qk_norm", "mlp", "zero_init", "logit_softcap", "token_shift", "attention_window"}
+    switches |= {"full_attention_layers"}
     assert switches <= set(card["config"])  # how it was trained
     assert card["this_machine"]["sample_precision"] in (
         "auto = int8 on the cpu, timed for this checkpoint",

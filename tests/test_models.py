@@ -77,7 +77,7 @@ def test_config_from_params_section():
     section = GPTParams.of(n_layer=1, n_head=2, n_embd=8, block_size=4)
     config = config_for("gpt", section, vocab_size=11)
     lecture = dict(position="learned", qk_norm=False, mlp="gelu", zero_init=False, logit_softcap=0.0, token_shift=False)
-    lecture |= dict(attention_window=0)  # every earlier character
+    lecture |= dict(attention_window=0, full_attention_layers=0)  # every earlier character
     assert config == dict(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True) | lecture
     assert count_params(build_model("gpt", config)) > 0
 
@@ -217,6 +217,7 @@ def test_bad_switches_are_refused(bad):
         {"token_shift": True},
         {"position": "rope", "attention_window": 4},  # a 9-character prompt: longer than the window
         {"attention_window": 4},
+        {"position": "rope", "attention_window": 4, "full_attention_layers": 1},
     ],
 )
 def test_kv_cache_matches_full_forward_for_either_architecture(arch):
@@ -283,6 +284,24 @@ def test_a_window_as_long_as_the_text_is_the_causal_attention():
     assert not torch.allclose(tiny_gpt(attention_window=4)(idx)[0], tiny_gpt()(idx)[0])
 
 
+def test_full_attention_layers_attend_to_the_whole_block():
+    # 2 layers of window 4, the last one full: position 20 reads position 0, and the first layer keeps
+    # its window (both layers full is the plain causal model, and differs).
+    idx = torch.randint(V, (1, 32), generator=torch.Generator().manual_seed(16))
+    model = tiny_gpt(position="rope", attention_window=4, full_attention_layers=1, block_size=32)
+    assert [block.attn.window for block in model.blocks] == [4, 0]
+    assert model.receptive_field == 32
+    assert KVCache(model.config, 1, idx.device, torch.float32).capacities == (4, 32)
+    base, _ = model(idx)
+    other = idx.clone()
+    other[0, 0] = (other[0, 0] + 1) % V
+    assert not torch.allclose(model(other)[0][0, 20], base[0, 20], atol=1e-6)
+    causal = tiny_gpt(position="rope", block_size=32)(idx)[0]
+    all_full = tiny_gpt(position="rope", attention_window=4, full_attention_layers=2, block_size=32)
+    assert torch.equal(all_full(idx)[0], causal)
+    assert not torch.allclose(base, causal, atol=1e-4)
+
+
 def test_a_windowed_model_sees_exactly_n_layer_windows_back():
     # 2 layers of window 4: position 20 reads positions 20 - 2 * 3 = 14 to 20, and nothing before.
     model = tiny_gpt(position="rope", attention_window=4, block_size=32)
@@ -303,7 +322,7 @@ def test_windowed_rope_cache_slides_exactly_like_recomputing_the_last_block():
     assert model.config.n_layer * (model.config.attention_window - 1) < model.config.block_size
     idx = torch.randint(V, (2, 60), generator=torch.Generator().manual_seed(17))
     last, cache = prefill(model, idx[:, :12])
-    assert cache.capacity == 4  # all a new token can see
+    assert cache.capacities == (4, 4, 4)  # all a new token can see
     for t in range(12, 60):
         last, cache = extend(model, idx[:, t : t + 1], cache)
         recomputed, _ = model(idx[:, t - 11 : t + 1])

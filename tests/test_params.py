@@ -53,6 +53,7 @@ BAD = [
     ({"gpt": {"muon_split_qkv": "split"}}, "gpt.muon_split_qkv = 'split'"),
     ({"gpt": {"ema_decay": 1.0}}, "gpt.ema_decay = 1.0: must be in [0, 1)"),
     ({"gpt": {"attention_window": -8}}, "gpt.attention_window = -8: must be >= 0"),
+    ({"gpt": {"full_attention_layers": 5}}, "gpt.full_attention_layers = 5: must be between 0 and gpt.n_layer (4)"),
     ({"gpt": {"batch_windows": "shuffled"}}, "gpt.batch_windows = 'shuffled': must be one of ('random', 'epoch')"),
     ({"bigram": {"batch_windows": 1}}, "bigram.batch_windows = 1: must be a string"),
     ({"bigram": {"ema_decay": -0.5}}, "bigram.ema_decay = -0.5: must be in [0, 1)"),

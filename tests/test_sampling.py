@@ -122,6 +122,7 @@ ARCHS = [
     {"position": "rope", "token_shift": True},
     {"position": "rope", "qk_norm": False, "attention_window": 4, "zero_init": True},
     {"qk_norm": True, "bias": False, "logit_softcap": 5.0},
+    {"position": "rope", "qk_norm": True, "mlp": "relu2", "attention_window": 4, "full_attention_layers": 1},
 ]
 
 

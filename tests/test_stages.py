@@ -282,3 +282,23 @@ def test_the_evaluate_stage_scores_with_full_context_when_asked(prepared, tmp_pa
     assert reported[0] != reported[1]
     for path in leftovers(prepared):
         path.unlink()
+
+
+def test_full_attention_layers_go_through_the_stages(prepared, tmp_path):
+    # The checkpoint records the key, so every later stage rebuilds the full layer; generation runs
+    # through its block-sized cache past block_size (here 16).
+    from charlm.checkpoint import load_checkpoint
+
+    arch = TINY_GPT | {"max_iters": 5, "position": "rope", "attention_window": 4, "n_layer": 2}
+    write_params(tmp_path / "p.yaml", gpt=arch | {"full_attention_layers": 1}, sample={"max_new_tokens": 40})
+    assert stage("train", "gpt", *TRAIN_ARGS, "--params", str(tmp_path / "p.yaml"), cwd=prepared).returncode == 0
+    ckpt = load_checkpoint(prepared / "models/gpt.pt")
+    assert ckpt.config["full_attention_layers"] == 1
+    net = ckpt.build()
+    assert [block.attn.window for block in net.blocks] == [4, 0] and net.receptive_field == 16
+    args = ["gpt", "--checkpoint", "models/gpt.pt", "--vocab", "data/vocab.json", "--out", str(tmp_path / "s.txt")]
+    proc = stage("sample", *args, "--params", str(tmp_path / "p.yaml"), cwd=prepared)
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "s.txt").read_text(encoding="utf-8")) == 41
+    for path in leftovers(prepared):
+        path.unlink()

@@ -40,6 +40,13 @@ class GPTArchitecture:
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     token_shift: bool = False  # add a learned per-channel share of the previous character's embedding
     attention_window: int = 0  # > 0: each character attends to itself and the window - 1 before it; 0 = all
+    full_attention_layers: int = 0  # with a window: the last this many layers attend to the whole block
+
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's attention window, first to last: `attention_window`, except 0 (every earlier
+        character in the block) for the last `full_attention_layers`."""
+        windowed = self.n_layer - self.full_attention_layers
+        return tuple(self.attention_window if layer < windowed else 0 for layer in range(self.n_layer))
 
     def check_architecture(self, prefix: str = "") -> None:
         """The one set of rules, for params.yaml (`prefix` "gpt.") and for a model's config alike."""
@@ -65,6 +72,12 @@ class GPTArchitecture:
             f"{prefix}attention_window",
             self.attention_window,
             "must be >= 0 (0 = every earlier character, the lecture's causal attention)",
+        )
+        _check(
+            0 <= self.full_attention_layers <= self.n_layer,
+            f"{prefix}full_attention_layers",
+            self.full_attention_layers,
+            f"must be between 0 and {prefix}n_layer ({self.n_layer})",
         )
 
 

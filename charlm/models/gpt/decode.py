@@ -161,10 +161,11 @@ class DecodeStep:
             if position >= self._cos.size(0):
                 self._grow_tables(position)
             cos, sin = self._cos[position].unbind(0), self._sin[position].unbind(0)  # n_layer x (2, 1, hs)
-        full = cache.length == cache.capacity
-        slot = position % cache.capacity if full else cache.length
-        held = cache.capacity if full else cache.length + 1
-        for i, (layer, keys_values) in enumerate(zip(self.layers, cache.keys_values.unbind(0), strict=True)):
+        for i, (layer, keys_values, capacity) in enumerate(
+            zip(self.layers, cache.keys_values, cache.capacities, strict=True)
+        ):
+            full = position >= capacity
+            slot = position % capacity  # the next free slot, or once full the oldest token's
             qkv = layer.qkv(F.layer_norm(x, *layer.ln1)).view(B, -1, nh, hs)  # [q, k, v] (+ [swap(q), swap(k)])
             qk = qkv[:, :2]
             inverse_norm = None
@@ -180,7 +181,7 @@ class DecodeStep:
             elif inverse_norm is not None:
                 torch.mul(qk * inverse_norm, self.gains[i], out=qk)
             keys_values.select(3, slot).copy_(qkv[:, 1:3])
-            k, v = (keys_values if full else keys_values.narrow(3, 0, held)).unbind(1)  # (B, nh, held, hs)
+            k, v = (keys_values if full else keys_values.narrow(3, 0, position + 1)).unbind(1)  # (B, nh, held, hs)
             # One query per stream and head attends to every key held: no mask.
             y = F.scaled_dot_product_attention(qkv.select(1, 0).unsqueeze(2), k, v)  # (B, nh, 1, hs)
             x = layer.proj(x, y.view(B, C))

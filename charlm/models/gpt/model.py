@@ -14,7 +14,8 @@ The default `GPTConfig` is the lecture's model. Switches from the small-model sp
 (modded-nanogpt) change it, each a `gpt.*` param (docs/models.md "What the default trains";
 docs/recipe.md "Architecture switches" has the measured effect of each): `position="rope"`,
 `qk_norm`, `mlp="relu2"`, `zero_init`, `logit_softcap`, `token_shift` and `attention_window` W > 0
-(each character attends to itself and the W - 1 before it; each layer reaches W - 1 further back).
+(each character attends to itself and the W - 1 before it; each layer reaches W - 1 further back),
+with `full_attention_layers` N the last N layers attending to the whole block instead.
 Which kernel computes attention is not the model's business: a stage decides it once
 (`charlm.hardware.AttentionKernels`) and hands it over with `use_kernels`. The KV cache that
 generation passes as `kv_cache` lives beside generation, in `charlm.sampling`; `decode_step()` gives
@@ -56,11 +57,11 @@ class CausalSelfAttention(nn.Module):
     """The lecture's multi-head attention: each head's queries, keys and values, the causal softmax of
     their scaled dot products, the heads concatenated and projected back to n_embd."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, window: int) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.window = config.attention_window
+        self.window = window  # this layer's: config.layer_windows()
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
@@ -127,10 +128,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, window: int) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, window)
         self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -157,7 +158,7 @@ class GPT(nn.Module):
         self.drop = Dropout(config.dropout)
         # Starts at 0 (the lecture's embedding); a vector, so AdamW trains it without weight decay.
         self.token_shift = nn.Parameter(torch.zeros(config.n_embd)) if config.token_shift else None
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, window) for window in config.layer_windows()])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._rope_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -178,11 +179,13 @@ class GPT(nn.Module):
     @property
     def receptive_field(self) -> int:
         """How many characters, the last one included, can reach a prediction: with an attention
-        window W, each layer looks W - 1 further back (and token_shift one more); else block_size."""
+        window W in every layer, each looks W - 1 further back (and token_shift one more); with a
+        full-attention layer, block_size."""
         c = self.config
-        if c.attention_window <= 0:
+        windows = c.layer_windows()
+        if min(windows) <= 0:
             return c.block_size
-        return min(c.block_size, c.n_layer * (c.attention_window - 1) + 1 + int(c.token_shift))
+        return min(c.block_size, sum(w - 1 for w in windows) + 1 + int(c.token_shift))
 
     @property
     def cache_slides(self) -> bool:
