@@ -17,6 +17,7 @@ import torch
 from benchmarks.common import LECTURE_GPT, ROOT
 from charlm.hardware import resolve_runtime
 from charlm.models import build_model, config_for
+from charlm.models.gpt.config import layer_windows
 from charlm.params import load_params
 from charlm.quantize import quantize_int8
 from charlm.sampling import KVCache, faster_weights, generate
@@ -51,9 +52,8 @@ def flops_per_token(config: dict) -> float:
     """Multiply-adds x 2 of one decode step: every linear layer's weights once, and attention over
     the keys a token sees (the window, or the whole block in a full-attention layer)."""
     C, L, T = config["n_embd"], config["n_layer"], config["block_size"]
-    window = config.get("attention_window", 0)
-    full_layers = config.get("full_attention_layers", 0) if 0 < window < T else L
-    keys = (L - full_layers) * window + full_layers * T  # summed over the layers
+    windows = layer_windows(L, config.get("attention_window", 0), config.get("full_attention_layers", 0))
+    keys = sum(w if 0 < w < T else T for w in windows)  # summed over the layers
     linear = L * (3 * C * C + C * C + 8 * C * C) + C * config["vocab_size"]
     attention = 2 * keys * C
     return 2.0 * (linear + attention)

@@ -17,6 +17,7 @@ from charlm.device import resolve_device
 from charlm.evaluation import estimate_loss
 from charlm.hardware import describe_cpu, resolve_runtime
 from charlm.models import build_model, config_for, extra_metrics
+from charlm.models.gpt.config import layer_windows
 from charlm.params import BigramParams, GPTParams, TrainConfig
 from charlm.training import TrainResult, train
 
@@ -117,9 +118,8 @@ def flops_per_token(config: dict) -> float:
     over the keys the kernels compute, masked or not: all T, or with a sliding window W the 2W of a
     chunk and the one before it (in all but the last `full_attention_layers`)."""
     C, L, T, V = config["n_embd"], config["n_layer"], config["block_size"], config["vocab_size"]
-    window = config.get("attention_window", 0)
-    full_layers = config.get("full_attention_layers", 0) if 0 < window < T else L
-    keys = (L - full_layers) * 2 * window + full_layers * T  # summed over the layers
+    windows = layer_windows(L, config.get("attention_window", 0), config.get("full_attention_layers", 0))
+    keys = sum(2 * w if 0 < w < T else T for w in windows)  # summed over the layers
     matmul_weights = L * 12 * C * C + C * V  # per block: qkv 3C^2, proj C^2, MLP 8C^2; the head
     return 6 * matmul_weights + 12 * keys * C
 

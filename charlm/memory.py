@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from charlm.errors import UsageError
+from charlm.models.gpt.config import layer_windows
 
 FLOAT32 = 4
 # Bytes per activation element under bf16 autocast: the matmuls' outputs are bf16, the residual
@@ -92,7 +93,8 @@ def training_memory(
     saved = 22 + 8 * (config.get("position") == "rope") + 4 * bool(config.get("qk_norm"))
     saved += 11 * (config.get("mlp") == "relu2")
     window = int(config.get("attention_window", 0) or 0)
-    full_layers = int(config.get("full_attention_layers", 0) or 0) if 0 < window < tokens else layers
+    windows = layer_windows(layers, window, int(config.get("full_attention_layers", 0) or 0))
+    full_layers = sum(not 0 < w < tokens for w in windows)
     # A sliding window keeps each chunk's keys and values beside the one before it, and scores for
     # 2 * window keys per query instead of all of them.
     windowed = (layers - full_layers) * (

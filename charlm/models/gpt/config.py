@@ -23,6 +23,14 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{key} = {value!r}: {allowed}")
 
 
+def layer_windows(n_layer: int, attention_window: int, full_attention_layers: int) -> tuple[int, ...]:
+    """Each layer's attention window, first to last: `attention_window`, except 0 (every earlier
+    character in the block) for the last `full_attention_layers`. Also for code that holds the
+    config as a dict (the memory estimate, the benchmarks)."""
+    windowed = n_layer - full_attention_layers
+    return tuple(attention_window if layer < windowed else 0 for layer in range(n_layer))
+
+
 @dataclass(frozen=True)
 class GPTArchitecture:
     """The GPT's shape and switches: the `gpt` section's model keys. `block_size` is also training's."""
@@ -43,10 +51,7 @@ class GPTArchitecture:
     full_attention_layers: int = 0  # with a window: the last this many layers attend to the whole block
 
     def layer_windows(self) -> tuple[int, ...]:
-        """Each layer's attention window, first to last: `attention_window`, except 0 (every earlier
-        character in the block) for the last `full_attention_layers`."""
-        windowed = self.n_layer - self.full_attention_layers
-        return tuple(self.attention_window if layer < windowed else 0 for layer in range(self.n_layer))
+        return layer_windows(self.n_layer, self.attention_window, self.full_attention_layers)
 
     def check_architecture(self, prefix: str = "") -> None:
         """The one set of rules, for params.yaml (`prefix` "gpt.") and for a model's config alike."""
