@@ -216,3 +216,25 @@ def test_the_gpu_command_in_the_docs_is_the_benchmarks_gpu_recipe():
     expected = GPTParams.of(**GPU_RECIPE).flat()
     assert settings.keys() == GPU_RECIPE.keys()
     assert all(str(expected[k]) == v or float(expected[k]) == float(v) for k, v in settings.items()), settings
+
+
+SIZES = {"block_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "models.md", "recipe.md"])
+def test_the_lecture_architecture_command_undoes_every_switch_the_defaults_turn_on(doc):
+    import dataclasses
+
+    import yaml
+
+    from charlm.models.gpt.config import GPTArchitecture
+
+    text = doc_path(doc).read_text(encoding="utf-8")
+    start = text.index("dvc exp run -n lecture-arch")
+    command = re.split(r"```|`\s", text[start:])[0]
+    settings = {k: yaml.safe_load(v) for k, v in re.findall(r"-S gpt\.(\w+)=([^\s`]+)", command)}
+    gpt = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["gpt"] | settings
+    lecture = GPTArchitecture()
+    switches = [f.name for f in dataclasses.fields(GPTArchitecture) if f.name not in SIZES]
+    differ = {name: gpt[name] for name in switches if gpt.get(name, getattr(lecture, name)) != getattr(lecture, name)}
+    assert not differ, f"{doc}: the lecture-arch command leaves {differ} on"
