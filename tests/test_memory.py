@@ -18,7 +18,7 @@ from tests.helpers import ROOT, cpu_runtime
 pytestmark = pytest.mark.slow  # training and refusals in fresh processes: seconds each
 
 # Trains 3 steps in a fresh process and prints (estimate, measured growth of peak RSS) in bytes.
-MEASURE = """
+MEASURE = r"""
 import json, re, sys
 import psutil, torch
 from charlm.models import build_model, config_for
@@ -79,7 +79,7 @@ def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
 
 
 # Refuses one oversized config in a fresh process; prints (seconds, peak RSS growth in bytes, message).
-REFUSE = """
+REFUSE = r"""
 import json, re, sys, time
 import torch
 from charlm.memory import NotEnoughMemory
