@@ -125,6 +125,8 @@ def worker_sample(tokens: int) -> dict:
             "int8": lambda: rate(int8_model, 1, tokens),
         }
     )
+    batched_model = int8_model if auto_batched == "int8" else model
+    batched = best_of_alternating({"auto": lambda: rate(batched_model, BATCH, tokens // 2)})
     default_results = {
         "forward_tokens_per_second": single["forward"],
         "float32_tokens_per_second": single["float32"],
@@ -132,7 +134,7 @@ def worker_sample(tokens: int) -> dict:
         "auto_weights": auto_single,
         "batched_streams": BATCH,
         "batched_weights": auto_batched,
-        "batched_tokens_per_second": rate(int8_model if auto_batched == "int8" else model, BATCH, tokens // 2),
+        "batched_tokens_per_second": batched["auto"],
         "flops_per_token": flops_per_token(default_config),
     }
     return {"tokens": tokens, "lecture": lecture_results, "default": default_results}

@@ -86,7 +86,7 @@ def test_the_readmes_headline_and_reference_class_row_are_the_committed_metrics(
     assert cells[4] == val
 
 
-@pytest.mark.parametrize("results", ["results.json", "results-avx2.json"])
+@pytest.mark.parametrize("results", ["results.json", "results-avx2.json", "results-epyc-avx512.json"])
 def test_the_performance_page_quotes_the_benchmarks_json(results):
     data = json.loads((ROOT / "benchmarks" / results).read_text(encoding="utf-8"))
     page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
