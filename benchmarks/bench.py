@@ -268,6 +268,29 @@ def sampling_rows(s: dict | None, peak_gflops: float, cpu: str) -> list[tuple[st
         (
             f"generation default: {d['batched_streams']} streams ({d['batched_weights']})",
             f"{batched:,.0f} chars/s ({batched / d_limit:.0%} of FLOP limit)",
+            None if "batched_compiled_tokens_per_second" in d else "batched_generation",
+            batched if native else None,  # the target is the AVX512-BF16 class's
+        ),
+    ] + compiled_rows(d, d_limit, native)
+
+
+def compiled_rows(d: dict, limit: float, native: bool) -> list[tuple[str, str, str | None, float | None]]:
+    """The compiled decode step's rows (`sample.compile`), where the results measured it."""
+    if "batched_compiled_tokens_per_second" not in d:
+        return []
+    single, batched = d["compiled_tokens_per_second"], d["batched_compiled_tokens_per_second"]
+    return [
+        (
+            "generation default: compiled, 1 stream",
+            f"{single:,.0f} chars/s ({single / d['float32_tokens_per_second']:.1f}x eager, "
+            f"{d['compile_seconds']:.0f} s to compile)",
+            None,
+            None,
+        ),
+        (
+            f"generation default: compiled, {d['batched_streams']} streams",
+            f"{batched:,.0f} chars/s ({batched / d['batched_tokens_per_second']:.1f}x eager, "
+            f"{batched / limit:.0%} of FLOP limit)",
             "batched_generation",
             batched if native else None,  # the target is the AVX512-BF16 class's
         ),

@@ -5,7 +5,8 @@
 - The default model (`params.yaml`): one stream through the model's own forward with a KV cache and
   `torch.multinomial` (generation before the decode step, kept here as its baseline), through the
   decode step (`charlm.models.gpt.decode`) with float32 and int8
-  weights, and 64 streams as one batch; each against its FLOP limit at the machine's measured peak.
+  weights and compiled (`sample.compile`), and 64 streams as one batch, eager and compiled; each
+  against its FLOP limit at the machine's measured peak.
 """
 
 from __future__ import annotations
@@ -59,14 +60,22 @@ def flops_per_token(config: dict) -> float:
     return 2.0 * (linear + attention)
 
 
-def rate(model, streams: int, tokens: int) -> float:
-    """Characters per second (all streams together) of `tokens` new tokens per stream."""
+def rate(model, streams: int, tokens: int, step=None) -> float:
+    """Characters per second (all streams together) of `tokens` new tokens per stream, through `step`
+    (a decode step made before, e.g. a compiled one) or the model's own."""
     start = torch.zeros((streams, 1), dtype=torch.long)
     generators = [torch.Generator().manual_seed(i) for i in range(streams)]
-    generate(model, start, 10, generator=generators)  # warm-up
+    generate(model, start, 10, generator=generators, decode_step=step)  # warm-up
     t0 = time.perf_counter()
-    generate(model, start, tokens, generator=generators)
+    generate(model, start, tokens, generator=generators, decode_step=step)
     return streams * tokens / (time.perf_counter() - t0)
+
+
+def compiled_step(model, streams: int):
+    """The model's decode step compiled for `streams` streams, and the seconds compiling took."""
+    t0 = time.perf_counter()
+    step = model.decode_step().compiled(KVCache(model.config, streams, torch.device("cpu"), torch.float32))
+    return step, time.perf_counter() - t0
 
 
 def best_of_alternating(runs: dict, rounds: int = 3) -> dict:
@@ -118,15 +127,23 @@ def worker_sample(tokens: int) -> dict:
         forward_generate(model, start, tokens)
         return tokens / (time.perf_counter() - t0)
 
+    single_compiled, compile_seconds = compiled_step(model, 1)
+    batched_compiled, _ = compiled_step(model, BATCH)
     single = best_of_alternating(
         {
             "forward": forward_rate,
             "float32": lambda: rate(model, 1, tokens),
             "int8": lambda: rate(int8_model, 1, tokens),
+            "compiled": lambda: rate(model, 1, tokens, single_compiled),
         }
     )
     batched_model = int8_model if auto_batched == "int8" else model
-    batched = best_of_alternating({"auto": lambda: rate(batched_model, BATCH, tokens // 2)})
+    batched = best_of_alternating(
+        {
+            "auto": lambda: rate(batched_model, BATCH, tokens // 2),
+            "compiled": lambda: rate(model, BATCH, tokens // 2, batched_compiled),
+        }
+    )
     default_results = {
         "forward_tokens_per_second": single["forward"],
         "float32_tokens_per_second": single["float32"],
@@ -135,6 +152,9 @@ def worker_sample(tokens: int) -> dict:
         "batched_streams": BATCH,
         "batched_weights": auto_batched,
         "batched_tokens_per_second": batched["auto"],
+        "compiled_tokens_per_second": single["compiled"],
+        "batched_compiled_tokens_per_second": batched["compiled"],
+        "compile_seconds": compile_seconds,
         "flops_per_token": flops_per_token(default_config),
     }
     return {"tokens": tokens, "lecture": lecture_results, "default": default_results}

@@ -81,10 +81,14 @@ def load_for_stage(
     model: str, checkpoint: Path, vocab: Path, params: Path, sampling: bool = False
 ) -> tuple[Params, Runtime, Checkpoint]:
     """The evaluate and sample stages' common start: their params, the runtime they resolve once (with
-    `sample.precision` when `sampling`), the threads set, and the checkpoint, checked against the model
-    name and the pipeline's vocabulary."""
+    `sample.precision` and `sample.compile` when `sampling`), the threads set, and the checkpoint,
+    checked against the model name and the pipeline's vocabulary."""
     p = load_params(params)
-    runtime = resolve_runtime(resolve_device(p.device), sample_precision=p.sample.precision if sampling else "auto")
+    runtime = resolve_runtime(
+        resolve_device(p.device),
+        sample_precision=p.sample.precision if sampling else "auto",
+        sample_compile=p.sample.compile if sampling else False,
+    )
     configure_threads(p.threads)
     ckpt = load_checkpoint(checkpoint, expected_model=model, tokenizer=CharTokenizer.load(vocab))
     return p, runtime, ckpt

@@ -28,7 +28,8 @@ app = typer.Typer(
 @app.command(
     epilog="Examples:\n\n  charlm sample models/gpt.pt\n\n"
     "  charlm sample models/gpt.pt --prompt 'ROMEO:' -n 300 --temperature 0.8 --top-k 20 --seed 7\n\n"
-    "  charlm sample models/gpt.pt --num-samples 5 -n 200"
+    "  charlm sample models/gpt.pt --num-samples 5 -n 200\n\n"
+    "  charlm sample models/gpt.pt --num-samples 64 -n 3000 --compile true"
 )
 def sample(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by the train stage, e.g. models/gpt.pt."),
@@ -47,17 +48,26 @@ def sample(
     num_samples: int = typer.Option(
         1, "--num-samples", help="Texts to generate as one batch; sample i is the same whatever their number."
     ),
+    compile: str = typer.Option(
+        "auto",
+        help="Compile the decode step (CPU, a C++ compiler): true, false, or auto (when the job is long enough).",
+    ),
 ) -> None:
     """Stream generated text to the terminal, character by character; several samples print as they
     complete, one after another under a header."""
     with reported_errors("charlm sample"):
         from charlm.checkpoint import load_checkpoint
         from charlm.device import resolve_device
+        from charlm.errors import UsageError
         from charlm.hardware import resolve_runtime
         from charlm.params import SampleParams
         from charlm.sampling import format_samples, sample_text
 
+        if compile.lower() not in ("auto", "true", "false"):
+            raise UsageError(f"--compile {compile!r}: must be true, false or auto")
+        compile_choice = {"true": True, "false": False}.get(compile.lower(), "auto")
         settings = SampleParams(
+            compile=compile_choice,
             prompt=prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -78,7 +88,7 @@ def sample(
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        runtime = resolve_runtime(resolve_device(device), sample_precision=precision)
+        runtime = resolve_runtime(resolve_device(device), sample_precision=precision, sample_compile=settings.compile)
         samples = sample_text(ckpt, settings, runtime, seed, drop_unknown, on_start=start, on_text=write)
         write("\n" if num_samples == 1 else format_samples(samples.texts))
 

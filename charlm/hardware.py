@@ -21,6 +21,7 @@ import functools
 import os
 import platform
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Literal
@@ -188,6 +189,23 @@ def compiles(device: torch.device | str, requested: bool | str) -> bool:
     return bool(requested)
 
 
+def compiles_decoding(device: torch.device | str, requested: bool | str) -> bool | str:
+    """Whether generation runs the GPT's compiled decode step (`sample.compile`,
+    `charlm.models.gpt.decode.CompiledDecodeStep`): only on the CPU, whose C++ kernels TorchInductor
+    writes and charlm measures (docs/models.md "Generation"); only with a C++ compiler on the PATH.
+    `auto` stays `auto`: `charlm.sampling.worth_compiling` decides for the job at hand, since
+    compiling takes seconds that a short text never wins back."""
+    if torch.device(device).type != "cpu" or requested is False or cxx_compiler() is None:
+        return False
+    return requested
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler TorchInductor would call (`$CXX`, else the usual names), or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
 def orthogonalization_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype of Muon's Newton-Schulz iterations: bf16 (as Muon's authors run it) only where native."""
     return torch.bfloat16 if native_bf16(device) else torch.float32
@@ -287,6 +305,7 @@ class Runtime:
     compile: bool  # training's forward through torch.compile (`compiles`), eager if compiling fails
     sample_weights: str  # the GPT's linear layers while generating: "int8", "float32", or "auto" (timed per checkpoint)
     int8_activations: torch.dtype  # the int8 kernel's input dtype
+    sample_compile: bool | str  # the compiled decode step: True, False, or "auto" (decided per job)
     cpu: str  # `describe_cpu()`: the reason behind the dtype choices
 
     @property
@@ -314,9 +333,10 @@ def resolve_runtime(
     dropout: float = 0.0,
     sample_precision: str = "auto",
     compile: bool | str = False,
+    sample_compile: bool | str = "auto",
 ) -> Runtime:
     """Every hardware choice of a stage from its device and params (`precision`, the model's `dropout`,
-    `sample.precision`, `compile`), decided here once."""
+    `sample.precision`, `compile`, `sample.compile`), decided here once."""
     autocast = autocast_dtype(device, precision)
     return Runtime(
         device=device,
@@ -327,5 +347,6 @@ def resolve_runtime(
         compile=compiles(device, compile),
         sample_weights=sampling_weights(device, sample_precision),
         int8_activations=int8_activation_dtype(device),
+        sample_compile=compiles_decoding(device, sample_compile),
         cpu=describe_cpu(),
     )

@@ -258,8 +258,15 @@ class SampleParams:
     top_k: int = 0  # 0 means no top-k filtering
     num_samples: int = 1  # texts generated as one batch, each with its own seeded randomness
     precision: SamplePrecision = "auto"  # CPU: the faster of float32/int8, timed; else float32 (sampling_weights)
+    compile: bool | Literal["auto"] = "auto"  # compiled decode step: auto = on a CPU with a C++ compiler, for long jobs
 
     def __post_init__(self) -> None:
+        _check(
+            self.compile is True or self.compile is False or self.compile == "auto",
+            "sample.compile",
+            self.compile,
+            "must be true, false or auto",
+        )
         _check(
             self.precision in SAMPLE_PRECISIONS,
             "sample.precision",

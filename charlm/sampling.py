@@ -22,6 +22,7 @@ the lecture's loop (which re-runs the whole cropped context for every token). Pa
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class KVCache:
         hs = config.n_embd // config.n_head
         # Per layer, keys and values side by side (B, 2, nh, capacity, hs), so a decode step stores a
         # token's pair with one copy.
-        self.keys_values = [torch.empty((*shape, cap, hs), device=device, dtype=dtype) for cap in self.capacities]
+        self.keys_values = [torch.zeros((*shape, cap, hs), device=device, dtype=dtype) for cap in self.capacities]
         self.keys = [layer[:, 0] for layer in self.keys_values]  # (B, nh, capacity, hs) each
         self.values = [layer[:, 1] for layer in self.keys_values]
         self.position = 0
@@ -185,13 +186,18 @@ def generate(
     use_cache: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
     fast: bool = True,
+    compiled: bool = False,
+    decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Extend `idx` (B, T) by `max_new_tokens`, all B streams as one batch; `on_token(next_ids)` sees
     each step (for streaming). `generator`: one for the batch, or one per stream.
 
     A GPT generates through its KV cache with its `decode_step()` (`fast`; `charlm.models.gpt.decode`),
     or, with `fast=False`, through the model's own forward for each new token: the same tokens, the
-    second the reference the first is tested against. `use_cache=False` is the lecture's loop.
+    second the reference the first is tested against. `compiled`: the decode step compiled for this
+    batch first (`DecodeStep.compiled`; eager, after one warning line, if compiling fails): the same
+    tokens again. `decode_step`: a step made before (`model.decode_step()`, or its `.compiled(cache)`
+    for this batch) to use instead, so that many calls compile once. `use_cache=False` is the lecture's loop.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     sampler = TokenSampler(temperature, top_k, generator, idx.size(0))
@@ -200,7 +206,7 @@ def generate(
     device = next(model.parameters()).device
     idx = idx.to(device)
     if use_cache and getattr(model, "cache_slides", None) is not None:
-        out = _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast)
+        out = _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast, compiled, decode_step)
     else:
         out = _generate_recompute(model, idx, max_new_tokens, sampler, on_token)
     model.train(was_training)
@@ -219,16 +225,16 @@ def _generate_recompute(model, idx, max_new_tokens, sampler, on_token):
     return idx
 
 
-def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast):
+def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast, compiled, step):
     block_size = model.context_size
     keep = max(1, block_size // 2)
     dtype = model.token_embedding_table.weight.dtype
     B, T = idx.shape
     out = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=idx.device)
     out[:, :T] = idx
-    if fast:
+    if step is None and fast:
         step = model.decode_step()
-    else:
+    elif step is None:
         def step(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
             return model(ids[:, None], kv_cache=cache)[0][:, -1, :]
 
@@ -238,6 +244,8 @@ def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast):
         return logits[:, -1, :], cache
 
     logits, cache = prefill(idx[:, -block_size:])
+    if compiled and hasattr(step, "compiled") and max_new_tokens > 1:
+        step = compiled_or_eager(step, cache)
     for i in range(max_new_tokens):
         next_id = sampler(logits).to(idx.device)  # (B, 1)
         out.select(1, T + i).copy_(next_id.view(B))
@@ -251,6 +259,27 @@ def _generate_cached(model, idx, max_new_tokens, sampler, on_token, fast):
         else:
             logits = step(next_id[:, 0], cache)
     return out
+
+
+def compiled_or_eager(step: Callable[..., torch.Tensor], cache: KVCache) -> Callable[..., torch.Tensor]:
+    """`step.compiled(cache)`, or `step` itself after one line on stderr if compiling fails: a missing
+    or broken compiler costs speed, not the text."""
+    try:
+        return step.compiled(cache)
+    except Exception as e:  # noqa: BLE001 - any compiler failure; the eager step computes the same tokens
+        first = next(iter(str(e).strip().splitlines()), "")
+        reason = f"{type(e).__name__}: {first}"
+        print(f"warning: compiling the decode step failed ({reason}); generating eagerly", file=sys.stderr)
+        return step
+
+
+COMPILE_AFTER_SECONDS = 30.0  # compiling takes ~10 s and saves about a third of a step on a CPU
+
+
+def worth_compiling(model: nn.Module, runtime: Runtime, batch: int, max_new_tokens: int) -> bool:
+    """`sample.compile: auto`: compile the decode step when generating eagerly would take longer than
+    COMPILE_AFTER_SECONDS, timed on a few steps of this model at this batch (docs/models.md "Generation")."""
+    return seconds_per_step(model, runtime, batch) * max_new_tokens > COMPILE_AFTER_SECONDS
 
 
 def stream_seeds(seed: int, n: int) -> list[int]:
@@ -284,18 +313,26 @@ def faster_weights(model: nn.Module, runtime: Runtime, batch: int, rounds: int =
 def fastest(candidates: dict[str, nn.Module], runtime: Runtime, batch: int, rounds: int = 3, steps: int = 8) -> str:
     """The name of the faster of {"float32": model, "int8": its int8 copy}, as `faster_weights` times them."""
     best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for name, net in candidates.items():
+            best[name] = min(best[name], seconds_per_step(net, runtime, batch, rounds=1, steps=steps))
+    return "int8" if best["int8"] * WEIGHTS_MARGIN < best["float32"] else "float32"
+
+
+def seconds_per_step(model: nn.Module, runtime: Runtime, batch: int, rounds: int = 3, steps: int = 8) -> float:
+    """The eager decode step's time for `batch` streams: the best of `rounds` runs of `steps` steps."""
+    best = float("inf")
     ids = torch.zeros(batch, dtype=torch.long, device=runtime.device)
     with torch.inference_mode():
         for _ in range(rounds):
-            for name, net in candidates.items():
-                cache = KVCache(net.config, batch, runtime.device, torch.float32)
-                step = net.decode_step()
-                step(ids, cache)  # warm-up: first-call allocations
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step(ids, cache)
-                best[name] = min(best[name], time.perf_counter() - start)
-    return "int8" if best["int8"] * WEIGHTS_MARGIN < best["float32"] else "float32"
+            cache = KVCache(model.config, batch, runtime.device, torch.float32)
+            step = model.decode_step()
+            step(ids, cache)  # warm-up: first-call allocations
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(ids, cache)
+            best = min(best, (time.perf_counter() - start) / steps)
+    return best
 
 
 @dataclass(frozen=True)
@@ -303,6 +340,7 @@ class Samples:
     texts: list[str]  # each the prompt, then the new characters
     dropped: list[str]  # prompt characters not in the vocabulary, removed
     weights: str  # the precision the linear layers generated with: "float32" or "int8"
+    compiled: bool = False  # whether through the compiled decode step (`sample.compile`)
 
 
 def sample_text(
@@ -335,6 +373,10 @@ def sample_text(
         candidates = {"float32": model, "int8": quantize_int8(model, runtime.int8_activations)}
         weights = fastest(candidates, runtime, n) if weights == "auto" else weights
         model = candidates[weights]
+    # Compiled for float32 weights only: int8 wins where a step is memory traffic, which compiling leaves as it is.
+    compiled = getattr(model, "decode_step", None) is not None and weights == "float32" and runtime.sample_compile
+    if compiled == "auto":
+        compiled = worth_compiling(model, runtime, n, settings.max_new_tokens)
     if on_start is not None:
         on_start(tokenizer.decode(ids), dropped)
     show = None if on_text is None or n > 1 else (lambda next_id: on_text(tokenizer.chars[int(next_id[0, 0])]))
@@ -346,5 +388,6 @@ def sample_text(
         settings.top_k,
         [torch.Generator().manual_seed(s) for s in stream_seeds(seed, n)],
         on_token=show,
+        compiled=compiled,
     )
-    return Samples([tokenizer.decode(row.tolist()) for row in out], dropped, weights)
+    return Samples([tokenizer.decode(row.tolist()) for row in out], dropped, weights, compiled)

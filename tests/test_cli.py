@@ -102,6 +102,20 @@ def test_int8_precision_samples_and_is_cpu_only(ckpt):
     assert bad.exit_code == 2 and "sample.precision = 'fp16'" in bad.stderr
 
 
+def test_compile_false_or_true_gives_the_same_text_and_a_bad_value_is_named(ckpt):
+    from charlm.hardware import cxx_compiler
+
+    args = ["sample", str(ckpt), "--prompt", "abc", "-n", "30", "--num-samples", "2", "--precision", "float32"]
+    eager = runner.invoke(app, [*args, "--compile", "false"])
+    assert eager.exit_code == 0, eager.output
+    if cxx_compiler() is not None:
+        compiled = runner.invoke(app, [*args, "--compile", "true"])
+        assert compiled.exit_code == 0, compiled.output
+        assert compiled.stdout == eager.stdout
+    bad = runner.invoke(app, ["sample", str(ckpt), "--compile", "maybe"])
+    assert bad.exit_code == 2 and "--compile 'maybe': must be true, false or auto" in bad.stderr
+
+
 def test_info_quotes_the_metrics_where_dvc_yaml_puts_them(ckpt, tmp_path, monkeypatch):
     from pathlib import Path
 

@@ -177,6 +177,90 @@ def test_fast_generation_gives_the_eager_tokens(arch):
     assert torch.equal(run(True, top_k=5, temperature=0.7), run(False, top_k=5, temperature=0.7))
 
 
+needs_compiler = pytest.mark.skipif(
+    __import__("charlm.hardware", fromlist=["cxx_compiler"]).cxx_compiler() is None, reason="no C++ compiler"
+)
+
+
+@needs_compiler
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_compiled_decode_step_gives_the_eager_tokens(arch):
+    # The fixed-shape step, compiled to C++: the same tokens as the eager step, past the attention
+    # window (the cache slides) and past block_size (learned positions re-prefill a new cache).
+    model = randomised(tiny_gpt(block_size=16, **arch))
+    start = torch.tensor([[1, 2], [3, 4], [5, 6]])
+
+    def run(compiled):
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+        return generate(model, start, 40, 0.8, 0, generators, compiled=compiled)
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_a_failing_compiler_costs_one_line_and_not_the_text(monkeypatch, capsys):
+    from charlm.models.gpt.decode import DecodeStep
+
+    def broken(self, cache):
+        raise RuntimeError("C++ compile error\nlong compiler output")
+
+    monkeypatch.setattr(DecodeStep, "compiled", broken)
+    model = randomised(tiny_gpt(block_size=16, position="rope"))
+    start = torch.tensor([[1, 2]])
+    eager = generate(model, start, 20, generator=torch.Generator().manual_seed(1))
+    capsys.readouterr()
+    fallback = generate(model, start, 20, generator=torch.Generator().manual_seed(1), compiled=True)
+    assert torch.equal(fallback, eager)
+    err = capsys.readouterr().err
+    assert err.count("compiling the decode step failed (RuntimeError: C++ compile error); generating eagerly") == 1
+    assert "long compiler output" not in err
+
+
+def test_compiling_is_for_the_cpu_with_a_compiler_and_auto_for_long_jobs(monkeypatch):
+    from charlm import hardware, sampling
+    from tests.helpers import cpu_runtime
+
+    monkeypatch.setattr(hardware, "cxx_compiler", lambda: "/usr/bin/g++")
+    assert hardware.compiles_decoding("cpu", "auto") == "auto"
+    assert hardware.compiles_decoding("cpu", True) is True
+    assert hardware.compiles_decoding("cpu", False) is False
+    assert hardware.compiles_decoding("cuda", True) is False
+    assert hardware.compiles_decoding("mps", "auto") is False
+    monkeypatch.setattr(hardware, "cxx_compiler", lambda: None)
+    assert hardware.compiles_decoding("cpu", True) is False
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # the user's compiler, which is not there
+    assert hardware.cxx_compiler() is None
+    monkeypatch.setenv("PATH", "")  # and no compiler on the PATH
+    monkeypatch.delenv("CXX")
+    assert hardware.cxx_compiler() is None
+
+    model = randomised(tiny_gpt(block_size=16, position="rope"))
+    runtime = cpu_runtime()
+    monkeypatch.setattr(sampling, "seconds_per_step", lambda *a, **k: 0.001)  # 1 ms a step
+    assert not sampling.worth_compiling(model, runtime, batch=4, max_new_tokens=500)  # 0.5 s
+    assert sampling.worth_compiling(model, runtime, batch=4, max_new_tokens=100_000)  # 100 s
+
+
+@needs_compiler
+def test_sample_text_compiles_when_asked_and_auto_leaves_a_short_job_eager():
+    import dataclasses
+
+    from charlm.checkpoint import Checkpoint
+    from charlm.params import SampleParams
+    from charlm.sampling import sample_text
+    from tests.helpers import cpu_runtime
+
+    model = randomised(tiny_gpt(block_size=16, position="rope", attention_window=4))
+    tokenizer = CharTokenizer(("\n",) + tuple(chr(ord("a") + i) for i in range(V - 1)))
+    ckpt = Checkpoint("gpt", dataclasses.asdict(model.config), model.state_dict(), tokenizer)
+    settings = SampleParams(prompt="abc", max_new_tokens=60, num_samples=3, precision="float32")
+    runtime = cpu_runtime(sample_precision="float32")
+    auto = sample_text(ckpt, settings, runtime, seed=5)
+    forced = sample_text(ckpt, settings, dataclasses.replace(runtime, sample_compile=True), seed=5)
+    assert (auto.compiled, forced.compiled) == (False, True)
+    assert forced.texts == auto.texts
+
+
 @pytest.mark.parametrize("per_stream", [False, True])
 def test_the_sampler_draws_torch_multinomials_tokens(per_stream):
     # The sampler's vectorised draw against torch.multinomial on the same generators, step by step,

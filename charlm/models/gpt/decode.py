@@ -16,6 +16,10 @@ for a single new token, with the constant parts folded in once, when it is built
 Every float32 operation is the model's up to the order of its roundings, so the logits agree with
 the model's forward to ~1e-6 and the sampled tokens are the same (tests/test_sampling.py
 ::test_the_decode_step_gives_the_models_logits and ::test_fast_generation_gives_the_eager_tokens).
+
+`CompiledDecodeStep` runs the same forward at fixed shapes, compiled by TorchInductor into C++ on a
+CPU (`sample.compile`): the same tokens again
+(tests/test_sampling.py::test_the_compiled_decode_step_gives_the_eager_tokens).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class _Layer:
         self.ln1 = (block.ln1.normalized_shape, block.ln1.weight, block.ln1.bias, block.ln1.eps)
         self.ln2 = (block.ln2.normalized_shape, block.ln2.weight, block.ln2.bias, block.ln2.eps)
         self.qkv = as_linear(with_swapped_qk(attn.qkv, attn.n_head) if rope else attn.qkv)
+        self.qkv_plain = as_linear(attn.qkv)  # [q, k, v] alone: the compiled step's (`DecodeStep.forward`)
         self.proj, self.proj_bias = _residual_linear(attn.proj)
         self.fc = as_linear(mlp.fc)
         self.mlp_proj, self.mlp_proj_bias = _residual_linear(mlp.proj)
@@ -144,47 +149,95 @@ class DecodeStep:
         self._cos = torch.cat([self._cos.view(-1, *self.gains.shape), cos * self.gains])
         self._sin = torch.cat([self._sin.view(-1, *self.gains.shape), sin * swapped])
 
+    def rotation(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The RoPE tables of `position`, gains folded in: cos and sin (n_layer, 2, 1, hs); None without RoPE."""
+        if not self.rope:
+            return None
+        if position >= self._cos.size(0):
+            self._grow_tables(position)
+        return self._cos[position], self._sin[position]
+
+    def compiled(self, cache: KVCache) -> CompiledDecodeStep:
+        """This step compiled for caches shaped as `cache` (`CompiledDecodeStep`)."""
+        return CompiledDecodeStep(self, cache)
+
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        position = cache.position
+        logits, embedded = self.forward(ids, position, self.rotation(position), cache.last_embedding, cache.keys_values)
+        if self.token_shift is not None:
+            cache.last_embedding = embedded.view(ids.size(0), 1, -1)
+        cache.advance(1)
+        return logits
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        position: int | torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None,
+        last_embedding: torch.Tensor | None,
+        keys_values: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits (B, V) after `ids` (B,) at `position`, and the new characters' embeddings (the next
+        step's token shift); each layer's `keys_values` (B, 2, nh, capacity, hs) takes the new pair.
+
+        `position` an int: shapes follow it (the keys held so far), the eager step. A 0-d tensor: every
+        shape is fixed, whatever the position, and the step can be compiled (`CompiledDecodeStep`):
+        the new pair is written with `index_copy_` and attention runs over the whole capacity, the
+        slots not yet written masked out (they must hold finite numbers: `KVCache` zeroes them).
+        """
         B, nh, hs = ids.size(0), self.n_head, self.head_size
         C = nh * hs
-        position = cache.position
+        fixed = isinstance(position, torch.Tensor)
         x = F.embedding(ids, self.token_embedding)  # (B, C)
-        if self.token_shift is not None:
-            embedded = x
-            if cache.last_embedding is not None:
-                x = torch.addcmul(x, self.token_shift, cache.last_embedding.view(B, C))
-            cache.last_embedding = embedded.view(B, 1, C)
+        embedded = x
+        if self.token_shift is not None and last_embedding is not None:
+            x = torch.addcmul(x, self.token_shift, last_embedding.view(B, C))
         if self.position_embedding is not None:
-            x = x + self.position_embedding[position]
-        if self.rope:
-            if position >= self._cos.size(0):
-                self._grow_tables(position)
-            cos, sin = self._cos[position].unbind(0), self._sin[position].unbind(0)  # n_layer x (2, 1, hs)
-        for i, (layer, keys_values, capacity) in enumerate(
-            zip(self.layers, cache.keys_values, cache.capacities, strict=True)
-        ):
-            full = position >= capacity
-            slot = position % capacity  # the next free slot, or once full the oldest token's
-            qkv = layer.qkv(F.layer_norm(x, *layer.ln1)).view(B, -1, nh, hs)  # [q, k, v] (+ [swap(q), swap(k)])
+            # A tensor position indexes without reading its value on the host, which tracing cannot do.
+            table = self.position_embedding
+            x = x + (table.index_select(0, position.view(1)) if fixed else table[position])
+        cos = sin = None
+        if rotation is not None:
+            cos, sin = rotation[0].unbind(0), rotation[1].unbind(0)  # n_layer x (2, 1, hs)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, keys_values, strict=True)):
+            capacity = layer_cache.size(3)
+            if fixed:
+                # [q, k, v] from the plain projection, swap(q) and swap(k) by slicing: a compiler fuses
+                # the slices into the rotation, where eagerly the extra rows save an op.
+                qkv = layer.qkv_plain(F.layer_norm(x, *layer.ln1)).view(B, 3, nh, hs)
+                swapped = torch.cat([qkv[:, :2, :, hs // 2 :], qkv[:, :2, :, : hs // 2]], dim=-1) if self.rope else None
+            else:
+                qkv = layer.qkv(F.layer_norm(x, *layer.ln1)).view(B, -1, nh, hs)  # [q, k, v] (+ [swap(q), swap(k)])
+                swapped = qkv[:, 3:] if self.rope else None
             qk = qkv[:, :2]
             inverse_norm = None
             if self.qk_norm:
                 inverse_norm = torch.linalg.vecdot(qk, qk).add_(self.norm_eps).rsqrt_().unsqueeze(-1)  # (B, 2, nh, 1)
-            # Queries and keys normalised, gained and rotated in place in `qkv`, so keys and values sit
-            # side by side and enter the cache (B, 2, nh, capacity, hs) with one copy.
+            # Queries and keys normalised, gained and rotated: eagerly in place in `qkv`, so keys and
+            # values sit side by side and enter the cache (B, 2, nh, capacity, hs) with one copy; in
+            # the fixed-shape step as new tensors, which the compiler fuses into the attention anyway.
+            into = None if fixed else qk
             if self.rope:
                 if inverse_norm is None:
-                    torch.addcmul(qk * cos[i], qkv[:, 3:], sin[i], out=qk)
+                    qk = torch.addcmul(qk * cos[i], swapped, sin[i], out=into)
                 else:
-                    torch.mul(torch.addcmul(qk * cos[i], qkv[:, 3:], sin[i]), inverse_norm, out=qk)
+                    qk = torch.mul(torch.addcmul(qk * cos[i], swapped, sin[i]), inverse_norm, out=into)
             elif inverse_norm is not None:
-                torch.mul(qk * inverse_norm, self.gains[i], out=qk)
-            keys_values.select(3, slot).copy_(qkv[:, 1:3])
-            k, v = (keys_values if full else keys_values.narrow(3, 0, position + 1)).unbind(1)  # (B, nh, held, hs)
-            # One query per stream and head attends to every key held: no mask.
-            y = F.scaled_dot_product_attention(qkv.select(1, 0).unsqueeze(2), k, v)  # (B, nh, 1, hs)
-            x = layer.proj(x, y.view(B, C))
+                qk = torch.mul(qk * inverse_norm, self.gains[i], out=into)
+            query = qk.select(1, 0).unsqueeze(2)  # (B, nh, 1, hs)
+            if fixed:
+                new_pair = torch.stack([qk.select(1, 1), qkv.select(1, 2)], dim=1).unsqueeze(3)  # (B, 2, nh, 1, hs)
+                layer_cache.index_copy_(3, (position % capacity).view(1), new_pair)
+                k, v = layer_cache.unbind(1)  # (B, nh, capacity, hs)
+                y = masked_one_query_attention(query, k, v, torch.arange(capacity, device=ids.device) > position)
+            else:
+                layer_cache.select(3, position % capacity).copy_(qkv[:, 1:3])
+                held = layer_cache if position >= capacity else layer_cache.narrow(3, 0, position + 1)
+                k, v = held.unbind(1)  # (B, nh, held, hs)
+                # One query per stream and head attends to every key held: no mask.
+                y = F.scaled_dot_product_attention(query, k, v)  # (B, nh, 1, hs)
+            x = layer.proj(x, y.reshape(B, C))
             if layer.proj_bias is not None:
                 x = x.add_(layer.proj_bias)
             h = layer.fc(F.layer_norm(x, *layer.ln2))
@@ -192,8 +245,68 @@ class DecodeStep:
             x = layer.mlp_proj(x, h)
             if layer.mlp_proj_bias is not None:
                 x = x.add_(layer.mlp_proj_bias)
-        cache.advance(1)
         logits = self.head(F.layer_norm(x, *self.ln_f))  # (B, V)
         if self.softcap > 0:
             logits = torch.tanh(logits).mul_(self.softcap)
+        return logits, embedded
+
+
+def masked_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of one query (B, nh, 1, hs) over keys and values (B, nh, T, hs), the key
+    slots where `hidden` (T,) is true left out: products and sums a compiler fuses into one pass over
+    the cache, where SDPA's kernel is a call of its own per layer."""
+    scores = (q * k).sum(-1) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T)
+    weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+    return (weights.unsqueeze(-1) * v).sum(2, keepdim=True)  # (B, nh, 1, hs)
+
+
+class CompiledDecodeStep:
+    """`step(ids, cache)` as `DecodeStep`'s, through its fixed-shape forward compiled by TorchInductor
+    (C++ on the CPU) for one cache's batch size and capacities: the dozens of small ops of a step
+    become a few fused loops around the matmuls. Built once per generation; needs a C++ compiler, and
+    raises whatever the compiler raises (`charlm.sampling` falls back to the eager step).
+
+    Traced without TorchDynamo (`make_fx`), so a call checks no guards: the shapes are the cache's and
+    the weights are constants of the compiled code, which is why it is made afresh for each generation.
+    """
+
+    def __init__(self, step: DecodeStep, cache: KVCache) -> None:
+        from torch._inductor import compile as inductor_compile
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        self.step = step
+        batch = cache.keys_values[0].size(0)
+        shift, rope = step.token_shift is not None, step.rope
+        n_layer = len(step.layers)
+        self._no_rotation = torch.zeros(n_layer, 2, 1, step.head_size, device=step.device)
+        self._no_embedding = torch.zeros(batch, 1, step.n_head * step.head_size, device=step.device)
+
+        def forward(ids, position, cos, sin, last_embedding, *keys_values):  # noqa: ANN001, ANN202
+            rotation = (cos, sin) if rope else None
+            return step.forward(ids, position, rotation, last_embedding if shift else None, list(keys_values))
+
+        example = [
+            torch.zeros(batch, dtype=torch.long, device=step.device),
+            torch.tensor(0, device=step.device),
+            *(torch.zeros_like(self._no_rotation) for _ in range(2)),  # cos, sin: two tensors, not one passed twice
+            self._no_embedding,
+            *[torch.zeros_like(layer) for layer in cache.keys_values],
+        ]
+        with torch.inference_mode():
+            graph = make_fx(forward)(*example)
+            self._compiled = inductor_compile(graph, example)
+            self._compiled(*example)  # the first call loads the compiled code: fail here, not mid-text
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        position = cache.position
+        rotation = self.step.rotation(position) or (self._no_rotation, self._no_rotation)
+        # The compiled code takes its inputs laid out as traced; a prefill leaves a strided view here.
+        last = cache.last_embedding.contiguous() if cache.last_embedding is not None else self._no_embedding
+        logits, embedded = self._compiled(
+            ids, torch.tensor(position, device=ids.device), *rotation, last, *cache.keys_values
+        )
+        if self.step.token_shift is not None:
+            cache.last_embedding = embedded.view(ids.size(0), 1, -1)
+        cache.advance(1)
         return logits
