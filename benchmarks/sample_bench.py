@@ -72,9 +72,13 @@ def rate(model, streams: int, tokens: int, step=None) -> float:
 
 
 def compiled_step(model, streams: int):
-    """The model's decode step compiled for `streams` streams, and the seconds compiling took."""
+    """The model's decode step compiled for `streams` streams, and the seconds compiling took with
+    TorchInductor's on-disk caches off (a new checkpoint's cost; a repeated one's is lower)."""
+    import torch._inductor.config as inductor_config
+
     t0 = time.perf_counter()
-    step = model.decode_step().compiled(KVCache(model.config, streams, torch.device("cpu"), torch.float32))
+    with inductor_config.patch(force_disable_caches=True):
+        step = model.decode_step().compiled(KVCache(model.config, streams, torch.device("cpu"), torch.float32))
     return step, time.perf_counter() - t0
 
 

@@ -273,7 +273,9 @@ def compiled_or_eager(step: Callable[..., torch.Tensor], cache: KVCache) -> Call
         return step
 
 
-COMPILE_AFTER_SECONDS = 30.0  # compiling takes ~10 s and saves about a third of a step on a CPU
+# Compiling takes 10-20 s on 2 cores and saves a third to a half of a step (docs/performance.md
+# "Results"): it pays for itself once generating eagerly would take about a minute.
+COMPILE_AFTER_SECONDS = 60.0
 
 
 def worth_compiling(model: nn.Module, runtime: Runtime, batch: int, max_new_tokens: int) -> bool:
