@@ -273,15 +273,19 @@ def compiled_or_eager(step: Callable[..., torch.Tensor], cache: KVCache) -> Call
         return step
 
 
-# Compiling takes 10-20 s on 2 cores and saves a third to a half of a step (docs/performance.md
+# Compiling takes ~20 s on 2 cores and saves a third to a half of a step (docs/performance.md
 # "Results"): it pays for itself once generating eagerly would take about a minute.
 COMPILE_AFTER_SECONDS = 60.0
 
 
-def worth_compiling(model: nn.Module, runtime: Runtime, batch: int, max_new_tokens: int) -> bool:
+def worth_compiling(
+    model: nn.Module, runtime: Runtime, batch: int, max_new_tokens: int, seconds: float | None = None
+) -> bool:
     """`sample.compile: auto`: compile the decode step when generating eagerly would take longer than
-    COMPILE_AFTER_SECONDS, timed on a few steps of this model at this batch (docs/models.md "Generation")."""
-    return seconds_per_step(model, runtime, batch) * max_new_tokens > COMPILE_AFTER_SECONDS
+    COMPILE_AFTER_SECONDS, from the eager step's `seconds` at this batch, or timed here on a few
+    steps of this model (docs/models.md "Generation")."""
+    seconds = seconds_per_step(model, runtime, batch) if seconds is None else seconds
+    return seconds * max_new_tokens > COMPILE_AFTER_SECONDS
 
 
 def stream_seeds(seed: int, n: int) -> list[int]:
@@ -309,16 +313,24 @@ def faster_weights(model: nn.Module, runtime: Runtime, batch: int, rounds: int =
     must win by WEIGHTS_MARGIN: float32 gives the exact model, so a near tie goes to it.
     """
     candidates = {"float32": model, "int8": quantize_int8(model, runtime.int8_activations)}
-    return fastest(candidates, runtime, batch, rounds, steps)
+    return pick_weights(step_seconds(candidates, runtime, batch, rounds, steps))
 
 
-def fastest(candidates: dict[str, nn.Module], runtime: Runtime, batch: int, rounds: int = 3, steps: int = 8) -> str:
-    """The name of the faster of {"float32": model, "int8": its int8 copy}, as `faster_weights` times them."""
+def step_seconds(
+    candidates: dict[str, nn.Module], runtime: Runtime, batch: int, rounds: int = 3, steps: int = 8
+) -> dict[str, float]:
+    """Each candidate's decode-step time ({"float32": model, "int8": its int8 copy}), the best of
+    `rounds` runs taken in turn, as `faster_weights` times them."""
     best = dict.fromkeys(candidates, float("inf"))
     for _ in range(rounds):
         for name, net in candidates.items():
             best[name] = min(best[name], seconds_per_step(net, runtime, batch, rounds=1, steps=steps))
-    return "int8" if best["int8"] * WEIGHTS_MARGIN < best["float32"] else "float32"
+    return best
+
+
+def pick_weights(seconds: dict[str, float]) -> str:
+    """int8 when its step is WEIGHTS_MARGIN times faster than float32's, else float32."""
+    return "int8" if seconds["int8"] * WEIGHTS_MARGIN < seconds["float32"] else "float32"
 
 
 def seconds_per_step(model: nn.Module, runtime: Runtime, batch: int, rounds: int = 3, steps: int = 8) -> float:
@@ -368,17 +380,20 @@ def sample_text(
     model = ckpt.build(runtime)
     n = settings.num_samples
     weights = runtime.sample_weights
+    float32_seconds = None  # the float32 step's time, when `auto` precision timed it
     if getattr(model, "decode_step", None) is None:
         weights = "float32"  # no linear layers to quantize, no decode step to time (the bigram)
     elif weights != "float32":
         # Quantized once: the copy `auto` timed is the one that generates.
         candidates = {"float32": model, "int8": quantize_int8(model, runtime.int8_activations)}
-        weights = fastest(candidates, runtime, n) if weights == "auto" else weights
+        if weights == "auto":
+            seconds = step_seconds(candidates, runtime, n)
+            weights, float32_seconds = pick_weights(seconds), seconds["float32"]
         model = candidates[weights]
     # Compiled for float32 weights only: int8 wins where a step is memory traffic, which compiling leaves as it is.
     compiled = getattr(model, "decode_step", None) is not None and weights == "float32" and runtime.sample_compile
     if compiled == "auto":
-        compiled = worth_compiling(model, runtime, n, settings.max_new_tokens)
+        compiled = worth_compiling(model, runtime, n, settings.max_new_tokens, float32_seconds)
     if on_start is not None:
         on_start(tokenizer.decode(ids), dropped)
     show = None if on_text is None or n > 1 else (lambda next_id: on_text(tokenizer.chars[int(next_id[0, 0])]))
