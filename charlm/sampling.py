@@ -273,8 +273,9 @@ def compiled_or_eager(step: Callable[..., torch.Tensor], cache: KVCache) -> Call
         return step
 
 
-# Compiling takes ~20 s on 2 cores and saves a third to a half of a step (docs/performance.md
-# "Results"): it pays for itself once generating eagerly would take about a minute.
+# Compiling in a fresh process takes 21 s on the 2-core AVX512 EPYC and 36 s on the AVX2 one, and
+# saves a third to a half of a step (docs/performance.md "Results"): it pays for itself from about a
+# minute of eager generation on the first, from about a minute and a half on the second.
 COMPILE_AFTER_SECONDS = 60.0
 
 
@@ -354,7 +355,7 @@ class Samples:
     texts: list[str]  # each the prompt, then the new characters
     dropped: list[str]  # prompt characters not in the vocabulary, removed
     weights: str  # the precision the linear layers generated with: "float32" or "int8"
-    compiled: bool = False  # whether through the compiled decode step (`sample.compile`)
+    compiled: bool = False  # the compiled decode step asked for (`sample.compile`); eager if compiling failed
 
 
 def sample_text(
