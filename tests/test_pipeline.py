@@ -541,8 +541,11 @@ def test_a_queued_experiment_shows_its_step_and_losses_while_it_runs(tmp_path, e
     try:
         deadline, seen = time.monotonic() + 300, []
         while time.monotonic() < deadline and not any(p.get("step", 0) > 0 for p in seen):
-            shown = json.loads(dvc("exp show --json", project, env).stdout)
-            seen = running_progress(shown)
+            shown = dvc("exp show --json", project, env, check=False)
+            # `exp show` fails now and then while the queue worker copies its temp workspace
+            # (".dvc/tmp/exps/<tmp>/.dvc does not exist"): DVC's race, not the progress file's.
+            if shown.returncode == 0:
+                seen = running_progress(json.loads(shown.stdout))
             time.sleep(1)
         live = [p for p in seen if p.get("step", 0) > 0]
         assert live, "no running experiment showed its progress"
