@@ -40,7 +40,8 @@ def sample(
     seed: int = typer.Option(1337, help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     precision: str = typer.Option(
-        "auto", help="auto (int8 weights on the CPU, float32 elsewhere), float32 or int8."
+        "auto",
+        help="auto (on the CPU the faster of float32 and int8 weights, timed; float32 elsewhere), float32 or int8.",
     ),
     drop_unknown: bool = typer.Option(
         False, "--drop-unknown", help="Remove prompt characters the model has never seen instead of failing."
