@@ -110,7 +110,16 @@ def parameter_counts(model_name: str, config: Mapping[str, Any]) -> tuple[int, i
     n_layer = int(config.get("n_layer", 0) or 0)
     if n_layer <= 2:
         return count(config)
-    one, two = count({**config, "n_layer": 1}), count({**config, "n_layer": 2})
+
+    def probe(n: int) -> dict[str, Any]:
+        # Windowed and full-attention layers have the same parameters; the probe keeps at most n of
+        # the latter, or a config with more full-attention layers than layers could not be built.
+        probe_config = {**config, "n_layer": n}
+        if "full_attention_layers" in config:
+            probe_config["full_attention_layers"] = min(int(config["full_attention_layers"]), n)
+        return probe_config
+
+    one, two = count(probe(1)), count(probe(2))
     return one[0] + (n_layer - 1) * (two[0] - one[0]), one[1] + (n_layer - 1) * (two[1] - one[1])
 
 

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from charlm import memory
 from charlm.models import build_model, config_for
+from charlm.optim import hidden_matrices
 from charlm.params import GPTParams
-from charlm.training import check_training_memory
+from charlm.training import check_training_memory, parameter_counts
 from tests.helpers import ROOT, cpu_runtime
 
 pytestmark = pytest.mark.slow  # training and refusals in fresh processes: seconds each
@@ -66,6 +67,16 @@ def test_the_estimate_is_within_a_factor_of_the_measured_peak(config):
     # run: a bound of 1.5 catches a term that goes missing (the old estimate, without the switches'
     # and the window's measured terms, reached 1.61), 0.7 one counted twice.
     assert 0.7 < measured / estimate < 1.5, (estimate, measured)
+
+
+@pytest.mark.parametrize("full_attention_layers", [0, 1, 2, 4])
+def test_parameter_counts_equal_the_built_models_with_any_number_of_full_attention_layers(full_attention_layers):
+    cfg = GPTParams.of(n_layer=4, attention_window=8, full_attention_layers=full_attention_layers, position="rope")
+    config = config_for("gpt", cfg, 65)
+    model = build_model("gpt", config)
+    muon = sum(p.numel() for p in hidden_matrices(model))
+    assert parameter_counts("gpt", config) == (sum(p.numel() for p in model.parameters()), muon)
+    check_training_memory("gpt", cfg.train, config, cpu_runtime(), 1)  # the train stage's first check
 
 
 def test_a_typo_sized_model_is_refused_with_the_params_and_the_numbers():
