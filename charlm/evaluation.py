@@ -67,13 +67,15 @@ def split_loss(
     device: torch.device,
     max_tokens: int | None = None,
     context: int = 0,
+    temperature: float = 1.0,
 ) -> float:
     """Exact mean loss over the whole split, every character scored once, in float32: a pure function
     of the checkpoint and the data, so the evaluate stage's metrics are reproducible.
 
     With `context` 0 the windows do not overlap, and a window's first characters are predicted from
     the few before them in the window; with `full_context(model, block_size)` every character (but
-    the split's first) is predicted from all the text that can reach it.
+    the split's first) is predicted from all the text that can reach it. `temperature` scores the
+    model's logits divided by it (`tempered_logits`).
     """
     was_training = model.training
     model.eval()
@@ -82,11 +84,21 @@ def split_loss(
     for x, y in sequential_blocks(data, block_size, eval_batch_size(block_size), max_tokens, context):
         scored = int((y != CONTEXT_ONLY).sum())  # counted on the CPU: no device sync
         x, y = x.to(device), y.to(device)
-        _, loss = model(x, y)  # the mean over the scored targets: CONTEXT_ONLY ones are ignored
-        total += loss.float() * scored
+        logits, _ = model(x)
+        # The mean over the scored targets: CONTEXT_ONLY ones are ignored.
+        loss = F.cross_entropy(tempered_logits(logits, temperature).flatten(0, -2), y.reshape(-1))
+        total += loss * scored
         count += scored
     model.train(was_training)
     return (total / count).item()
+
+
+def tempered_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`logits` in float32 divided by `temperature` (`evaluate.temperature`): above 1 a flatter
+    distribution, the temperature scaling of Guo et al. (2017). At 1 the logits are left exactly as
+    they are, so the default metrics are the model's own."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def dynamic_loss(
@@ -100,7 +112,8 @@ def dynamic_loss(
     and only then the model takes an SGD step on that segment's loss, after which every weight moves
     `dynamic_decay` of the way back to its trained value. Every character is predicted before the
     model has learned from it: a causal predictor that adapts to the text it reads (names, a play's
-    style). The model's weights are restored when it returns.
+    style). The model's weights are restored when it returns. Segments are scored, and learned from,
+    at `settings.temperature`, as `split_loss` scores them.
     """
     segment = min(settings.dynamic_segment, block_size)
     # Context past what can reach a prediction changes no score and costs a forward and backward.
@@ -120,7 +133,8 @@ def dynamic_loss(
             y = tokens[first + 1 : end + 1].to(device)[None]
             logits, _ = model(x)
             scored = start - first  # the context's positions are read, not scored
-            loss = F.cross_entropy(logits[0, scored:].float(), y[0, scored:], reduction="sum")
+            scored_logits = tempered_logits(logits[0, scored:], settings.temperature)
+            loss = F.cross_entropy(scored_logits, y[0, scored:], reduction="sum")
             total += loss.detach()
             count += end - start
             grads = torch.autograd.grad(loss / (end - start), params)

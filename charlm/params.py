@@ -231,6 +231,7 @@ class EvaluateParams:
     dynamic_lr: float = 0.0  # SGD step on each scored segment; 0 = no dynamic evaluation
     dynamic_decay: float = 0.0  # share of the way back to the trained weights after each step
     dynamic_segment: int = 128  # characters scored, then learned from, per step
+    temperature: float = 1.0  # every loss scores the logits divided by this; 1 = the model's own
 
     def __post_init__(self) -> None:
         _check(
@@ -247,6 +248,12 @@ class EvaluateParams:
             "evaluate.dynamic_segment",
             self.dynamic_segment,
             "must be in [1, 1000000]",
+        )
+        _check(
+            0.0 < self.temperature <= 100.0 and math.isfinite(self.temperature),
+            "evaluate.temperature",
+            self.temperature,
+            "must be in (0, 100] (1 = the model's own probabilities)",
         )
 
 

@@ -29,9 +29,10 @@ def main(
         net = ckpt.build(runtime)
         block_size = ckpt.config.get("block_size", 256)  # the bigram sees one token whatever the block
         context = full_context(net, block_size) if p.evaluate.full_context else 0
-        val_loss = split_loss(net, val_data, block_size, runtime.device, context=context)
+        temperature = p.evaluate.temperature
+        val_loss = split_loss(net, val_data, block_size, runtime.device, context=context, temperature=temperature)
         # The train split is 9x the val split: an even spread of blocks as large as val is enough.
-        train_loss = split_loss(net, train_data, block_size, runtime.device, len(val_data), context)
+        train_loss = split_loss(net, train_data, block_size, runtime.device, len(val_data), context, temperature)
         result = {
             "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),

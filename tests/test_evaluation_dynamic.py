@@ -16,8 +16,9 @@ def model():
     return helpers.tiny_gpt(V, block_size=16, position="rope", attention_window=4)
 
 
-def scored_in_order(net, data, block_size, segment):
-    """The loss of each segment with `block_size - segment` characters of context, no learning."""
+def scored_in_order(net, data, block_size, segment, temperature=1.0):
+    """The loss of each segment with `block_size - segment` characters of context, no learning, of
+    the logits divided by `temperature`."""
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data) - 1, segment):
@@ -25,7 +26,8 @@ def scored_in_order(net, data, block_size, segment):
             first = max(0, start - (block_size - segment))
             logits, _ = net(data[first:end].long()[None])
             y = data[first + 1 : end + 1].long()
-            total += F.cross_entropy(logits[0, start - first :], y[start - first :], reduction="sum").item()
+            scored = logits[0, start - first :] / temperature
+            total += F.cross_entropy(scored, y[start - first :], reduction="sum").item()
             count += end - start
     return total / count
 
@@ -37,6 +39,15 @@ def test_without_learning_it_is_the_in_order_loss_with_context():
     assert dynamic_loss(net, data, 16, torch.device("cpu"), settings) == pytest.approx(
         scored_in_order(net, data, 16, 6), rel=1e-6
     )
+
+
+def test_at_a_temperature_it_scores_the_logits_divided_by_it():
+    data = torch.randint(0, V, (300,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    net = model()
+    settings = EvaluateParams(dynamic_lr=0.0, dynamic_segment=6, temperature=1.7)
+    tempered = dynamic_loss(net, data, 16, torch.device("cpu"), settings)
+    assert tempered == pytest.approx(scored_in_order(net, data, 16, 6, temperature=1.7), rel=1e-6)
+    assert tempered != pytest.approx(scored_in_order(net, data, 16, 6), rel=1e-3)
 
 
 def test_it_adapts_to_a_text_that_repeats_and_restores_the_weights():
@@ -81,6 +92,8 @@ def test_every_character_is_scored_before_the_model_learns_from_it():
         ("dynamic_lr", -0.1, "evaluate.dynamic_lr = -0.1: must be in [0, 1)"),
         ("dynamic_decay", 2.0, "evaluate.dynamic_decay = 2.0: must be in [0, 1]"),
         ("dynamic_segment", 0, "evaluate.dynamic_segment = 0: must be in [1, 1000000]"),
+        ("temperature", 0.0, "evaluate.temperature = 0.0: must be in (0, 100]"),
+        ("temperature", float("nan"), "evaluate.temperature = nan: must be in (0, 100]"),
     ],
 )
 def test_bad_settings_name_the_key(key, value, message):

@@ -252,7 +252,7 @@ def test_a_diverged_run_stops_with_one_line_writes_nothing_and_keeps_the_last_go
     assert payload["step"] == 6 and all(torch.isfinite(w).all() for w in payload["model"].values())
 
 
-def test_the_evaluate_stage_scores_with_full_context_when_asked(prepared, tmp_path):
+def test_the_evaluate_stage_scores_with_full_context_and_at_a_temperature_when_asked(prepared, tmp_path):
     import json
 
     import torch
@@ -268,18 +268,18 @@ def test_the_evaluate_stage_scores_with_full_context_when_asked(prepared, tmp_pa
     net = ckpt.build()
     val = load_tokens(prepared / "data/val.bin", ckpt.tokenizer.dtype)
     reported = []
-    for on in (False, True):
-        write_params(tmp_path / "e.yaml", gpt=windowed, evaluate={"full_context": on})
-        out = tmp_path / f"m{on}.json"
+    for on, temperature in ((False, 1.0), (True, 1.0), (False, 1.25)):
+        write_params(tmp_path / "e.yaml", gpt=windowed, evaluate={"full_context": on, "temperature": temperature})
+        out = tmp_path / f"m{on}{temperature}.json"
         data = ["--train", "data/train.bin", "--val", "data/val.bin", "--vocab", "data/vocab.json"]
         args = ["gpt", "--checkpoint", "models/gpt.pt", *data, "--metrics", str(out)]
         proc = stage("evaluate", *args, "--params", str(tmp_path / "e.yaml"), cwd=prepared)
         assert proc.returncode == 0, proc.stderr
         context = full_context(net, 16) if on else 0
-        expected = split_loss(net, val, 16, torch.device("cpu"), context=context)
+        expected = split_loss(net, val, 16, torch.device("cpu"), context=context, temperature=temperature)
         reported.append(json.loads(out.read_text())["val_loss"])
         assert reported[-1] == round(expected, 5)
-    assert reported[0] != reported[1]
+    assert len(set(reported)) == 3
     for path in leftovers(prepared):
         path.unlink()
 

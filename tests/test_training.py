@@ -394,6 +394,20 @@ def test_float16_trains_with_a_loss_scaler(monkeypatch):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_split_loss_at_a_temperature_scores_the_logits_divided_by_it():
+    data = torch.randint(0, 11, (16 * 5 + 1,), generator=torch.Generator().manual_seed(4), dtype=torch.int64)
+    net = helpers.tiny_gpt(11, block_size=16, position="rope", attention_window=4)
+    x, y = data[:-1].view(5, 16), data[1:].view(5, 16)
+    with torch.no_grad():
+        logits, own = net(x, y)
+    cpu = torch.device("cpu")
+    assert split_loss(net, data, 16, cpu) == own.item()  # at 1, exactly the model's own loss
+    for temperature in (0.5, 1.3):
+        by_hand = F.cross_entropy((logits / temperature).transpose(1, 2), y).item()
+        assert split_loss(net, data, 16, cpu, temperature=temperature) == pytest.approx(by_hand, rel=1e-6)
+        assert by_hand != pytest.approx(own.item(), rel=1e-3)
+
+
 def test_full_context_split_loss_is_each_characters_loss_given_all_that_reaches_it():
     data = torch.randint(0, 11, (150,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
     net = helpers.tiny_gpt(11, block_size=16, position="rope", attention_window=4)  # 2 layers: 7 reach a prediction
