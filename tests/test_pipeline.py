@@ -226,6 +226,7 @@ def edited_params(project: Path, section: str, key: str | None, value) -> dict:
         ("gpt", "max_iters", 30, {"train@gpt"}),
         ("split", "val_fraction", 0.2, {"split"}),
         ("evaluate", "full_context", True, {"evaluate@bigram", "evaluate@gpt"}),
+        ("evaluate", "temperature", 1.08, {"evaluate@bigram", "evaluate@gpt"}),
     ],
 )
 def test_a_param_change_reruns_exactly_its_readers(project, env, section, key, value, expected):
